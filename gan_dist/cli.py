@@ -1,0 +1,82 @@
+"""``gan-dist``: prepare datasets and train GANs on Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from gan_dist.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(kind: str, message: str, code: int = 2) -> None:
+    err.print(f"[bold red]{kind}:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def prepare(
+    source: str = typer.Argument(..., help="Image folder, MNIST idx file/folder, or 'sklearn:digits'"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory for shard-*.tar + manifest.json"),
+    resolution: int = typer.Option(32, help="Square output size in pixels"),
+    channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB)"),
+    samples_per_shard: int = typer.Option(1000, help="Samples per tar shard"),
+    image_format: str = typer.Option("png", "--format", help="png (lossless) or jpeg"),
+    jpeg_quality: int = typer.Option(95, help="JPEG quality when --format jpeg"),
+    resize_filter: str = typer.Option("lanczos", "--filter", help="lanczos or box (the filter changes FID)"),
+    flip: bool = typer.Option(False, help="Also store a horizontally flipped copy of every image"),
+) -> None:
+    """Write WebDataset shards and a manifest from an image source."""
+    from gan_dist.data.prepare import prepare as run_prepare
+
+    if channels not in (1, 3):
+        _fail("error", "--channels must be 1 or 3")
+    try:
+        manifest = run_prepare(
+            source,
+            str(out_dir),
+            resolution=resolution,
+            channels=channels,
+            samples_per_shard=samples_per_shard,
+            image_format=image_format,
+            jpeg_quality=jpeg_quality,
+            resize_filter=resize_filter,
+            flip_duplicate=flip,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        _fail("error", str(exc))
+    out.print(
+        f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {out_dir} "
+        f"({len(manifest.skipped)} inputs skipped)"
+    )
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Job config YAML (see jobs/)"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: a local Ray instance"),
+) -> None:
+    """Train a GAN on a Ray worker group; re-running with the same run.name continues that run."""
+    try:
+        cfg = load_config(config, overrides or [])
+        from gan_dist.driver import preflight, run_training
+
+        preflight(cfg)
+    except (ConfigError, ValueError) as exc:
+        _fail("config error", str(exc))
+    out.print(
+        f"run [bold]{cfg.run.name}[/]: {cfg.model.arch} / {cfg.loss.name}, {cfg.scaling.num_workers} workers, "
+        f"{cfg.train.steps} steps, global batch {cfg.train.batch_size}"
+    )
+    outcome = run_training(cfg, address)
+    out.print(f"[green]done[/] at step {outcome.final_step}")
+    out.print(f"checkpoint: {outcome.checkpoint_path}")
+    out.print(f"MLflow run: {outcome.mlflow_run_id} in {outcome.tracking_uri}")
+    out.print(f"view it:    mlflow ui --backend-store-uri {outcome.tracking_uri}")

@@ -1,0 +1,232 @@
+"""Typed, validated job configuration: YAML file + repeatable ``--set section.key=value`` overrides.
+
+Every mistake a user can make in a config is caught here, before Ray starts, and reported as one
+``ConfigError`` that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LOSSES = ("minimax", "nonsaturating", "lsgan", "wgan", "wgan-gp", "hinge")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key it concerns."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    url: str = Field(description="Shard directory, brace pattern (shard-{000000..000009}.tar) or URL")
+    resolution: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(512, ge=0, description="Samples shuffled in memory per loader worker")
+    random_flip: bool = False
+
+
+class ModelConfig(_Section):
+    arch: Literal["mlp", "dcgan", "resnet"] = "dcgan"
+    z_dim: int = Field(100, ge=1)
+    g_width: int = Field(64, ge=4, description="Base channel width of G (DCGAN/ResNet) or hidden size (MLP)")
+    d_width: int = Field(64, ge=4, description="Base channel width of D (DCGAN/ResNet) or hidden size (MLP)")
+    g_batchnorm: bool = True
+    d_norm: Literal["batch", "none"] | None = Field(None, description="None: the arch's default")
+    d_spectral_norm: bool | None = Field(None, description="None: the arch's default")
+
+    @model_validator(mode="after")
+    def _arch_defaults(self) -> ModelConfig:
+        # Resolve "arch default" so the saved effective config says what actually ran.
+        if self.d_norm is None:
+            self.d_norm = "batch" if self.arch == "dcgan" else "none"
+        if self.d_spectral_norm is None:
+            self.d_spectral_norm = self.arch == "resnet"
+        return self
+
+
+class LossConfig(_Section):
+    name: Literal["minimax", "nonsaturating", "lsgan", "wgan", "wgan-gp", "hinge"] = "nonsaturating"
+    gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient-penalty weight (lambda)")
+    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight; 0 disables it")
+    r1_every: int = Field(16, ge=1, description="Lazy R1: apply every k D steps, scaled by k")
+    clip: float = Field(0.01, gt=0, description="WGAN weight-clipping bound")
+
+
+class OptimConfig(_Section):
+    g_lr: float = Field(2e-4, gt=0)
+    d_lr: float = Field(2e-4, gt=0, description="Set apart from g_lr for TTUR")
+    betas: tuple[float, float] = (0.5, 0.999)
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, ge=1, description="Global batch, split evenly across workers")
+    steps: int = Field(1000, ge=1, description="Generator steps")
+    seed: int = 0
+    n_critic: int = Field(1, ge=1, description="D steps per G step")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    sync_batchnorm: bool = False
+    log_every: int = Field(50, ge=1)
+    sample_every: int = Field(500, ge=1, description="Steps between fixed-noise sample grids")
+    sample_grid: int = Field(64, ge=1, le=1024, description="Images in the sample grid")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class CheckpointConfig(_Section):
+    storage: str = Field("./gan_dist_runs", description="Local path or URI (s3://...) for Ray Train storage")
+    every: int = Field(500, ge=1)
+    num_to_keep: int | None = Field(3, ge=1)
+
+
+class TrackingConfig(_Section):
+    uri: str = Field("sqlite:///gan_dist_mlflow.db", description="MLflow tracking URI")
+    experiment: str = "gan_dist"
+
+
+class RunConfig(_Section):
+    name: str = Field(default_factory=lambda: time.strftime("gan-%Y%m%d-%H%M%S-") + secrets.token_hex(3))
+
+
+class GanConfig(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> GanConfig:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"@train.batch_size@global batch {self.train.batch_size} is not divisible by "
+                f"scaling.num_workers={self.scaling.num_workers}"
+            )
+        if self.loss.name == "wgan-gp" and self.model.d_norm == "batch":
+            raise ValueError(
+                "@model.d_norm@wgan-gp's per-sample gradient penalty is invalid with BatchNorm in D; "
+                "set model.d_norm=none"
+            )
+        if self.model.arch in ("dcgan", "resnet"):
+            r = self.data.resolution
+            if r & (r - 1) or not 32 <= r <= 256:
+                raise ValueError(f"@data.resolution@{self.model.arch} needs a power of two in 32..256, got {r}")
+        if self.train.precision != "fp32" and not self.scaling.use_gpu:
+            raise ValueError("@train.precision@mixed precision needs scaling.use_gpu=true")
+        if self.train.sync_batchnorm and not self.scaling.use_gpu:
+            raise ValueError("@train.sync_batchnorm@SyncBatchNorm needs scaling.use_gpu=true")
+        return self
+
+    def per_worker_batch(self) -> int:
+        return self.train.batch_size // self.scaling.num_workers
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=v`` -> ("a.b", v) with v typed by YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise ConfigError(key or item, f"override must look like section.key=value, got '{item}'")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"value '{raw}' is not valid YAML: {exc}") from None
+
+
+def _absolute_local(uri: str) -> str:
+    """Relative local paths become absolute: Ray workers do not run in the driver's cwd."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def _absolute_sqlite(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _format_validation_error(exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    msg = str(err["msg"])
+    key = ".".join(str(p) for p in err["loc"])
+    if "@" in msg:  # our cross-field errors carry their own key: "...@key@message"
+        _, key, msg = msg.split("@", 2)
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = f"{msg} (got {err.get('input')!r})"
+    return ConfigError(key, msg)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> GanConfig:
+    """Validate a config tree plus overrides; relative local paths are made absolute."""
+    tree = copy.deepcopy(tree)  # overrides must not leak into the caller's dict
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        cfg = GanConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _format_validation_error(exc) from None
+    if "://" not in cfg.data.url:
+        cfg.data.url = _absolute_local(cfg.data.url)
+    cfg.checkpoint.storage = _absolute_local(cfg.checkpoint.storage)
+    cfg.tracking.uri = _absolute_sqlite(cfg.tracking.uri)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> GanConfig:
+    """Load YAML (or start empty) and apply ``section.key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("", f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("", f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    return build_config(tree, overrides)

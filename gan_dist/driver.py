@@ -1,0 +1,89 @@
+"""The driver: checks the job against its data, starts (or joins) Ray and runs a TorchTrainer.
+
+The driver needs no GPU and does no training itself; it can run on a laptop, the Ray head or a job
+submitter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+import gan_dist
+from gan_dist.config import ConfigError, GanConfig
+from gan_dist.data.loader import check_sharding, list_shards
+from gan_dist.train.loop import train_worker
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    checkpoint_path: str | None
+    mlflow_run_id: str | None
+    tracking_uri: str
+    final_step: int
+    metrics: dict
+
+
+def preflight(cfg: GanConfig) -> list[str]:
+    """Fail before Ray starts when the data cannot feed the configured worker group."""
+    try:
+        shards = list_shards(cfg.data.url)
+    except ValueError as exc:
+        raise ConfigError("data.url", str(exc)) from None
+    check_sharding(len(shards), cfg.scaling.num_workers, cfg.data.loader_workers)
+    return shards
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address``, or start the embedded local Ray instance."""
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+    else:
+        # A remote cluster's workers do not have this package: ship it with the job.
+        ray.init(address=address, runtime_env={"py_modules": [str(Path(gan_dist.__file__).parent)]})
+
+
+def build_trainer(cfg: GanConfig) -> TorchTrainer:
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+    )
+    run = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=cfg.checkpoint.storage,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=0),
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=scaling,
+        run_config=run,
+    )
+
+
+def run_training(cfg: GanConfig, address: str | None = None) -> TrainingOutcome:
+    """Train to ``cfg.train.steps`` (continuing the run if ``cfg.run.name`` already has checkpoints)."""
+    preflight(cfg)
+    if "://" not in cfg.checkpoint.storage:
+        os.makedirs(cfg.checkpoint.storage, exist_ok=True)
+    connect(address)
+    result = build_trainer(cfg).fit()
+    metrics = dict(result.metrics or {})
+    return TrainingOutcome(
+        run_name=cfg.run.name,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        mlflow_run_id=metrics.get("mlflow_run_id") or None,
+        tracking_uri=cfg.tracking.uri,
+        final_step=int(metrics.get("step", 0)),
+        metrics=metrics,
+    )

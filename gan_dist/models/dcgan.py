@@ -1,0 +1,89 @@
+"""DCGAN (Radford et al. 2016) for square power-of-two resolutions 32..256.
+
+Channel plan, shared by G and D: a feature map of side ``r`` in a net for resolution ``R`` has
+``width * min(R / (2r), 8)`` channels, so the 4x4 end is the widest (capped at 8·width) and the
+R/2 stage next to the image has ``width`` channels. At R=64 this is the paper's 512-256-128-64.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+MAX_MULTIPLIER = 8
+
+
+def check_resolution(resolution: int) -> int:
+    """Number of 2x steps between 4x4 and ``resolution``; raise if the resolution is unsupported."""
+    if resolution & (resolution - 1) or not 32 <= resolution <= 256:
+        raise ValueError(f"resolution must be a power of two in 32..256, got {resolution}")
+    return resolution.bit_length() - 3  # log2(R) - 2
+
+
+def stage_channels(width: int, resolution: int) -> list[int]:
+    """Channels at sides 4, 8, ..., R/2 (G's order; D walks it backwards)."""
+    steps = check_resolution(resolution)
+    return [width * min(2 ** (steps - 1 - i), MAX_MULTIPLIER) for i in range(steps)]
+
+
+def init_weights(module: nn.Module) -> None:
+    """The paper's init: conv weights N(0, 0.02), BN scale N(1, 0.02), biases 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    """z [N, z_dim] -> images [N, C, R, R] in [-1, 1]."""
+
+    def __init__(self, z_dim: int, width: int, resolution: int, channels: int, batchnorm: bool = True) -> None:
+        super().__init__()
+        chans = stage_channels(width, resolution)
+
+        def block(conv: nn.Module, out: int) -> list[nn.Module]:
+            return [conv, nn.BatchNorm2d(out), nn.ReLU()] if batchnorm else [conv, nn.ReLU()]
+
+        # The projection is a 4x4 transposed conv on z seen as a 1x1 map (same as a linear layer).
+        layers = block(nn.ConvTranspose2d(z_dim, chans[0], 4, 1, 0, bias=not batchnorm), chans[0])
+        for c_in, c_out in pairwise(chans):
+            layers += block(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=not batchnorm), c_out)
+        layers += [nn.ConvTranspose2d(chans[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(*z.shape, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """images [N, C, R, R] -> raw logits [N]."""
+
+    def __init__(
+        self, width: int, resolution: int, channels: int, norm: str = "batch", spectral_norm: bool = False
+    ) -> None:
+        super().__init__()
+        chans = stage_channels(width, resolution)[::-1]
+        use_bn = norm == "batch"
+        layers: list[nn.Module] = [nn.Conv2d(channels, chans[0], 4, 2, 1), nn.LeakyReLU(0.2)]
+        for c_in, c_out in pairwise(chans):
+            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not use_bn))
+            if use_bn:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.LeakyReLU(0.2))
+        layers.append(nn.Conv2d(chans[-1], 1, 4, 1, 0))
+        self.net = nn.Sequential(*layers)
+        self.apply(init_weights)
+        if spectral_norm:
+            for i, layer in enumerate(self.net):
+                if isinstance(layer, nn.Conv2d):
+                    self.net[i] = _spectral_norm(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(x.shape[0])

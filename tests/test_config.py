@@ -1,0 +1,95 @@
+"""Config: YAML + --set overrides, typed values, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from gan_dist.config import ConfigError, build_config, load_config
+
+BASE = {"data": {"url": "/data/shards"}}
+
+
+def _error_key(tree, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        build_config(tree, overrides)
+    return info.value.key, str(info.value)
+
+
+def test_overrides_are_typed_by_yaml():
+    cfg = build_config(BASE, ["train.steps=7", "optim.betas=[0.0, 0.99]", "scaling.use_gpu=false", "loss.name=hinge"])
+    assert cfg.train.steps == 7
+    assert cfg.optim.betas == (0.0, 0.99)
+    assert cfg.scaling.use_gpu is False
+    assert cfg.loss.name == "hinge"
+
+
+def test_seed_defaults_match_the_dcgan_recipe():
+    cfg = build_config(BASE)
+    assert (cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.betas) == (2e-4, 2e-4, (0.5, 0.999))
+
+
+def test_arch_defaults_are_resolved_into_the_effective_config():
+    assert build_config(BASE).model.d_norm == "batch"
+    resnet = build_config(BASE, ["model.arch=resnet"])
+    assert resnet.model.d_norm == "none" and resnet.model.d_spectral_norm is True
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.bogus=1"], "train.bogus"),
+        (["nosection.x=1"], "nosection"),
+        (["train.steps=many"], "train.steps"),
+        (["train.batch_size=63", "scaling.num_workers=2"], "train.batch_size"),
+        (["loss.name=wgan-gp"], "model.d_norm"),  # dcgan's D defaults to BatchNorm
+        (["data.resolution=48"], "data.resolution"),
+        (["loss.name=bce"], "loss.name"),
+        (["train.precision=fp16"], "train.precision"),
+        (["trainsteps=3"], "trainsteps"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, key):
+    assert _error_key(BASE, overrides)[0] == key
+
+
+def test_missing_data_url_is_reported():
+    key, message = _error_key({})
+    assert key == "data" and "missing" in message
+
+
+def test_wgan_gp_without_batchnorm_is_accepted():
+    cfg = build_config(BASE, ["loss.name=wgan-gp", "model.d_norm=none"])
+    assert cfg.loss.name == "wgan-gp"
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"data": {"url": "shards"}, "tracking": {"uri": "sqlite:///m.db"}, "checkpoint": {"storage": "runs"}})
+    assert cfg.data.url == str(tmp_path / "shards")
+    assert cfg.checkpoint.storage == str(tmp_path / "runs")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'm.db'}"
+    s3 = build_config({"data": {"url": "s3://b/p"}, "checkpoint": {"storage": "s3://b/runs"}})
+    assert (s3.data.url, s3.checkpoint.storage) == ("s3://b/p", "s3://b/runs")
+
+
+def test_run_names_are_fresh_unless_given():
+    assert build_config(BASE).run.name != build_config(BASE).run.name
+    assert build_config(BASE, ["run.name=mine"]).run.name == "mine"
+
+
+def test_yaml_file_round_trip(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(build_config(BASE, ["train.steps=3"]).to_yaml())
+    assert load_config(path).train.steps == 3
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_shipped_job_configs_validate():
+    jobs = sorted((Path(__file__).parents[1] / "jobs").glob("*.yaml"))
+    assert jobs, "jobs/ should ship configs"
+    for job in jobs:
+        load_config(job)
