@@ -12,7 +12,7 @@ from gan_dist.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def _fail(kind: str, message: str, code: int = 2) -> None:

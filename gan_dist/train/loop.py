@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
+import sys
 import tempfile
 import time
 from typing import Any
@@ -27,6 +29,18 @@ from gan_dist.models import build_discriminator, build_generator
 from gan_dist.tracking import MlflowTracker, NullTracker, Tracker
 from gan_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from gan_dist.train.step import GanModules, bare, discriminator_step, generator_step
+
+
+def progress_logger() -> logging.Logger:
+    """Progress lines on stderr: Ray Train V2 echoes a worker's stdout twice, its stderr once."""
+    log = logging.getLogger("gan_dist.progress")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[gan_dist] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
@@ -145,7 +159,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, config, run_id)
         if start_step:
-            print(f"[gan_dist] resumed run '{cfg.run.name}' at step {start_step}", flush=True)
+            progress_logger().info("resumed run '%s' at step %d", cfg.run.name, start_step)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     fixed_z = fixed_z.to(device)
 
@@ -179,12 +193,11 @@ def train_worker(config: dict[str, Any]) -> None:
                 tracker.log_metrics(metrics, step=done)
                 if rank == 0:
                     eta = (cfg.train.steps - done) * elapsed / window_steps
-                    print(
-                        f"[gan_dist] step {done}/{cfg.train.steps} | d_loss {metrics['d_loss']:.4f} "
+                    progress_logger().info(
+                        f"step {done}/{cfg.train.steps} | d_loss {metrics['d_loss']:.4f} "
                         f"g_loss {metrics['g_loss']:.4f} | D(x) {metrics['d_real']:.3f} "
                         f"D(G(z)) {metrics['d_fake']:.3f} | {metrics['images_per_sec']:.0f} img/s | "
-                        f"ETA {_format_eta(eta)}",
-                        flush=True,
+                        f"ETA {_format_eta(eta)}"
                     )
                 sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
 
@@ -207,7 +220,7 @@ def _report_checkpoint(
     steps = _all_gather(step, world)
     if len(set(digests)) != 1:
         raise RuntimeError(f"DDP replicas diverged at step {step}: parameter digests {digests}")
-    metrics = {"step": step, "rank_steps": steps, "param_digest": digests[0], "mlflow_run_id": run_id or ""}
+    metrics = {"step": step, "rank_steps": steps, "param_digests": digests, "mlflow_run_id": run_id or ""}
     if rank != 0:
         ray.train.report(metrics)
         return

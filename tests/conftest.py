@@ -1,0 +1,46 @@
+"""Session-wide fixtures: one local Ray instance and one prepared digits dataset for all tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Ray 2.60 turns token auth on for local clusters by default; tests say what they want explicitly.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+TINY_MODEL = ["model.g_width=8", "model.d_width=8", "model.z_dim=16"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that trains (started here, shut down here)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """scikit-learn's 1,797 digits at 32x32 in 4 uneven shards (450, 450, 450, 447)."""
+    from gan_dist.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare("sklearn:digits", str(out), resolution=32, channels=1, samples_per_shard=450, progress=False)
+    return out
+
+
+@pytest.fixture
+def job_tree(digits_shards, tmp_path) -> dict:
+    """A tiny but complete job on the digits, storing everything under tmp_path."""
+    return {
+        "data": {"url": str(digits_shards), "resolution": 32, "channels": 1, "loader_workers": 1},
+        "train": {"batch_size": 16, "steps": 6, "log_every": 2, "sample_every": 3, "sample_grid": 16},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"storage": str(tmp_path / "runs"), "every": 3},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+    }
