@@ -38,6 +38,19 @@ class DataConfig(_Section):
     loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(512, ge=0, description="Samples shuffled in memory per loader worker")
     random_flip: bool = False
+    mode: Literal["exact", "resampled"] = Field(
+        "exact",
+        description="exact: each epoch reads every shard once, split disjointly across ranks x loader workers; "
+        "resampled: shards drawn with replacement (any shard count works)",
+    )
+
+
+class StorageConfig(_Section):
+    """Object-store settings shared by data, checkpoints and artifacts. Credentials come from the environment."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores; default $AWS_ENDPOINT_URL")
+    region: str | None = Field(None, description="S3 region; default $AWS_REGION or us-east-1")
+    retries: int = Field(5, ge=0, le=50, description="Attempts on transient object-store errors")
 
 
 class ModelConfig(_Section):
@@ -84,6 +97,11 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)
     sample_every: int = Field(500, ge=1, description="Steps between fixed-noise sample grids")
     sample_grid: int = Field(64, ge=1, le=1024, description="Images in the sample grid")
+    nan_action: Literal["stop", "rollback"] = Field(
+        "stop", description="On a non-finite loss: stop with an error, or roll back to the last checkpoint"
+    )
+    max_rollbacks: int = Field(3, ge=0, description="Cap on NaN rollbacks per run attempt")
+    max_failures: int = Field(2, ge=0, description="Times the worker group is restarted from the latest checkpoint after a failure")
 
 
 class ScalingConfig(_Section):
@@ -96,11 +114,24 @@ class CheckpointConfig(_Section):
     storage: str = Field("./gan_dist_runs", description="Local path or URI (s3://...) for Ray Train storage")
     every: int = Field(500, ge=1)
     num_to_keep: int | None = Field(3, ge=1)
+    keep_every: int | None = Field(None, ge=1, description="Also keep every checkpoint whose step is a multiple")
+    async_upload: bool = Field(True, description="Upload checkpoints in the background while training goes on")
+    resume_from: str | None = Field(None, description="Start from this checkpoint URI (e.g. to fine-tune)")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="Steps between FID/KID evaluations; 0 disables")
+    num_images: int = Field(2000, ge=2, description="Real and generated images per evaluation")
+    extractor: Literal["inception", "classifier"] = "inception"
+    extractor_path: str | None = Field(None, description="Feature-network weights (path/URL); see README")
+    batch_size: int = Field(100, ge=1)
 
 
 class TrackingConfig(_Section):
     uri: str = Field("sqlite:///gan_dist_mlflow.db", description="MLflow tracking URI")
     experiment: str = "gan_dist"
+    system_metrics: bool = Field(False, description="Log CPU/GPU/memory system metrics")
+    register_model: str | None = Field(None, description="Register the final generator under this model name")
 
 
 class RunConfig(_Section):
@@ -110,11 +141,13 @@ class RunConfig(_Section):
 class GanConfig(_Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
+    storage: StorageConfig = StorageConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = Field(default_factory=RunConfig)
 

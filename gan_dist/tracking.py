@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import mlflow
 from PIL import Image
 
+from gan_dist.config import GanConfig
+
 RUN_NAME_TAG = "gan_dist.run_name"
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key)", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -70,10 +72,11 @@ class NullTracker:
 class MlflowTracker:
     """Opens (or continues) the MLflow run of a gan_dist run and logs to it."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, config: dict[str, Any], run_id: str | None = None):
+    def __init__(self, cfg: GanConfig, run_id: str | None = None):
+        uri, run_name, config = cfg.tracking.uri, cfg.run.name, cfg.model_dump(mode="json")
         mlflow.set_tracking_uri(uri)
         mlflow.config.enable_async_logging(True)
-        exp = mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(cfg.tracking.experiment)
         self.client = mlflow.MlflowClient(uri)
         if run_id is None:
             found = self.client.search_runs(

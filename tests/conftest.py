@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_mlflow"]
+
 TINY_MODEL = ["model.g_width=8", "model.d_width=8", "model.z_dim=16"]
 
 

@@ -157,7 +157,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     tracker: Tracker = NullTracker()
     if rank == 0:
-        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name, config, run_id)
+        tracker = MlflowTracker(cfg, run_id)
         if start_step:
             progress_logger().info("resumed run '%s' at step %d", cfg.run.name, start_step)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -205,22 +205,31 @@ def train_worker(config: dict[str, Any]) -> None:
                 tracker.log_image(sample_grid(m.g_ema, fixed_z), key="samples", step=done)
 
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                _report_checkpoint(m, cfg, done, rank, world, noise, tracker.run_id)
+                _report_checkpoint(m, cfg, done, rank, world, noise, tracker.run_id, data.skipped)
         status = "FINISHED"
     finally:
         tracker.finish(status)
 
 
 def _report_checkpoint(
-    m: GanModules, cfg: GanConfig, step: int, rank: int, world: int, noise: torch.Generator, run_id: str | None
+    m: GanModules,
+    cfg: GanConfig,
+    step: int,
+    rank: int,
+    world: int,
+    noise: torch.Generator,
+    run_id: str | None,
+    skipped: int,
 ) -> None:
     """Every rank reports (Ray requires it); rank 0 attaches the checkpoint files."""
     rng = _all_gather({"noise": noise.get_state()}, world)
     digests = _all_gather(parameter_digest(m), world)
     steps = _all_gather(step, world)
+    skipped_total = sum(_all_gather(skipped, world))
     if len(set(digests)) != 1:
         raise RuntimeError(f"DDP replicas diverged at step {step}: parameter digests {digests}")
     metrics = {"step": step, "rank_steps": steps, "param_digests": digests, "mlflow_run_id": run_id or ""}
+    metrics["data_skipped"] = skipped_total
     if rank != 0:
         ray.train.report(metrics)
         return

@@ -1,0 +1,1 @@
+"""Real mlflow server fixture (filled in by the tracking work)."""
