@@ -62,11 +62,16 @@ def train(
     config: Path = typer.Argument(..., help="Job config YAML (see jobs/)"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: a local Ray instance"),
+    resume: Optional[str] = typer.Option(
+        None, help="Start from this checkpoint (path or s3:// URI), e.g. to fine-tune into a new run.name"
+    ),
 ) -> None:
     """Train a GAN on a Ray worker group; re-running with the same run.name continues that run."""
+    items = list(overrides or []) + ([f"checkpoint.resume_from={resume}"] if resume else [])
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, items)
         from gan_dist.driver import preflight, run_training
+        from gan_dist.train.loop import NonFiniteLoss
 
         preflight(cfg)
     except (ConfigError, ValueError) as exc:
@@ -75,8 +80,68 @@ def train(
         f"run [bold]{cfg.run.name}[/]: {cfg.model.arch} / {cfg.loss.name}, {cfg.scaling.num_workers} workers, "
         f"{cfg.train.steps} steps, global batch {cfg.train.batch_size}"
     )
-    outcome = run_training(cfg, address)
+    try:
+        outcome = run_training(cfg, address)
+    except NonFiniteLoss as exc:
+        _fail("training stopped", str(exc), code=1)
     out.print(f"[green]done[/] at step {outcome.final_step}")
     out.print(f"checkpoint: {outcome.checkpoint_path}")
     out.print(f"MLflow run: {outcome.mlflow_run_id} in {outcome.tracking_uri}")
     out.print(f"view it:    mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (contains state.pt)"),
+    out_file: Path = typer.Argument(..., metavar="OUT", help="Generator file to write, e.g. generator.pt"),
+) -> None:
+    """Write the EMA generator alone (weights + architecture), small enough to serve."""
+    from gan_dist.train.checkpoint import CheckpointError, export_generator
+
+    try:
+        path = export_generator(checkpoint, out_file)
+    except CheckpointError as exc:
+        _fail("error", str(exc))
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="Job config YAML"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)"),
+    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
+    job_id: Optional[str] = typer.Option(None, help="Submission id (default: generated)"),
+    follow: bool = typer.Option(False, "--follow", help="Stream logs until the job ends; exit code = job result"),
+) -> None:
+    """Submit a training job to a Ray cluster (Job Submission API); prints the job id."""
+    from gan_dist import submit as jobs
+
+    try:
+        submitted, run_name = jobs.submit(config, overrides or [], address, job_id)
+    except (ConfigError, ValueError) as exc:
+        _fail("config error", str(exc))
+    except ConnectionError as exc:
+        _fail("error", f"cannot reach the Ray cluster at {address}: {exc}")
+    out.print(f"submitted job {submitted} (run {run_name})")
+    if follow:
+        final = jobs.follow(submitted, address)
+        out.print(f"job {submitted}: {final.value}")
+        raise typer.Exit(0 if final.value == "SUCCEEDED" else 1)
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(...), address: str = typer.Option(..., help="Ray dashboard address")
+) -> None:
+    """Print a submitted job's status."""
+    from gan_dist import submit as jobs
+
+    out.print(jobs.status(job_id, address).value)
+
+
+@app.command()
+def stop(job_id: str = typer.Argument(...), address: str = typer.Option(..., help="Ray dashboard address")) -> None:
+    """Stop a submitted job (its run can be continued later by name)."""
+    from gan_dist import submit as jobs
+
+    out.print("stopped" if jobs.stop(job_id, address) else "not running")

@@ -6,6 +6,7 @@ submitter.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from ray.train.torch import TorchTrainer
 import gan_dist
 from gan_dist.config import ConfigError, GanConfig
 from gan_dist.data.loader import check_sharding, list_shards
-from gan_dist.train.loop import train_worker
+from gan_dist import storage
+from gan_dist.storage import pyarrow_filesystem
+from gan_dist.train.loop import NonFiniteLoss, stop_marker_url, train_worker
 
 
 @dataclass
@@ -57,11 +60,13 @@ def build_trainer(cfg: GanConfig) -> TorchTrainer:
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
     )
+    filesystem, storage_path = pyarrow_filesystem(cfg.checkpoint.storage, cfg.storage)
     run = ray.train.RunConfig(
         name=cfg.run.name,
-        storage_path=cfg.checkpoint.storage,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        failure_config=ray.train.FailureConfig(max_failures=0),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     return TorchTrainer(
         train_worker,
@@ -77,7 +82,13 @@ def run_training(cfg: GanConfig, address: str | None = None) -> TrainingOutcome:
     if "://" not in cfg.checkpoint.storage:
         os.makedirs(cfg.checkpoint.storage, exist_ok=True)
     connect(address)
+    marker = stop_marker_url(cfg)
+    if storage.exists(marker, cfg.storage):  # left by an earlier attempt of this run
+        storage.delete(marker, cfg.storage)
     result = build_trainer(cfg).fit()
+    if storage.exists(marker, cfg.storage):
+        stopped = json.loads(storage.read_bytes(marker, cfg.storage))
+        raise NonFiniteLoss(f"run '{cfg.run.name}' stopped: {stopped['reason']}; the last good checkpoint is kept")
     metrics = dict(result.metrics or {})
     return TrainingOutcome(
         run_name=cfg.run.name,

@@ -17,12 +17,21 @@ TINY_MODEL = ["model.g_width=8", "model.d_width=8", "model.z_dim=16"]
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance shared by every test that trains (started here, shut down here)."""
+def ray_session(tmp_path_factory):
+    """One local Ray instance shared by every test that trains (started here, shut down here).
+
+    Yields the path of the chaos-drill file its workers watch (see gan_dist.train.loop._chaos_step)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield ray.get_runtime_context().gcs_address
+    chaos = tmp_path_factory.mktemp("chaos") / "plan.json"  # armed by tests that kill a worker
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"GAN_DIST_CHAOS_FILE": str(chaos)}},
+    )
+    yield chaos
     ray.shutdown()
 
 

@@ -7,11 +7,15 @@ readable without torch).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+
+from gan_dist.train.step import GanModules, bare
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
@@ -20,6 +24,57 @@ CONFIG_FILE = "config.yaml"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unsafe or of an unknown format."""
+
+
+def capture_rng(noise: torch.Generator) -> dict[str, Any]:
+    """Every random stream a rank draws from, as plain data (numpy's state becomes a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "noise": noise.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
+    noise.set_state(state["noise"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants tuples; a save/load round trip may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def training_state(m: GanModules, **extra: Any) -> dict[str, Any]:
+    """Model, EMA, optimizer and scaler state plus ``extra`` (step, rng, data position, config, ...)."""
+    return {
+        "g": bare(m.g).state_dict(),
+        "d": bare(m.d).state_dict(),
+        "g_ema": m.g_ema.state_dict(),
+        "opt_g": m.opt_g.state_dict(),
+        "opt_d": m.opt_d.state_dict(),
+        "scaler_g": m.scaler_g.state_dict(),
+        "scaler_d": m.scaler_d.state_dict(),
+        **extra,
+    }
+
+
+def restore_modules(m: GanModules, state: dict[str, Any]) -> None:
+    bare(m.g).load_state_dict(state["g"])
+    bare(m.d).load_state_dict(state["d"])
+    m.g_ema.load_state_dict(state["g_ema"])
+    m.opt_g.load_state_dict(state["opt_g"])
+    m.opt_d.load_state_dict(state["opt_d"])
+    m.scaler_g.load_state_dict(state["scaler_g"])
+    m.scaler_d.load_state_dict(state["scaler_d"])
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:

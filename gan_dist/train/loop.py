@@ -1,34 +1,61 @@
 """The per-worker training function that Ray Train runs on every rank.
 
-Read top to bottom: build data, models and optimizers; restore from the latest checkpoint if any; run
-``train.steps`` generator steps (each preceded by ``n_critic`` D steps); log from rank 0; checkpoint
-through ``ray.train.report`` from every rank (only rank 0 attaches the files).
+Read top to bottom: build models and optimizers; restore the latest checkpoint (Ray's, after a restart or
+on a same-name rerun, else ``checkpoint.resume_from``); run ``train.steps`` generator steps (each after
+``n_critic`` D steps); log from rank 0; checkpoint through ``ray.train.report`` from every rank (only rank
+0 attaches files). A resumed run continues the data stream, every RNG and the MLflow run exactly where the
+checkpoint left them, so on CPU it ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
+import math
+import os
 import sys
 import tempfile
 import time
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid
-from PIL import Image
 
 from gan_dist.config import GanConfig
 from gan_dist.data.loader import build_loader, to_float
 from gan_dist.models import build_discriminator, build_generator
+from gan_dist import storage
+from gan_dist.storage import pyarrow_filesystem
 from gan_dist.tracking import MlflowTracker, NullTracker, Tracker
-from gan_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from gan_dist.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_modules,
+    restore_rng,
+    save_checkpoint,
+    training_state,
+)
 from gan_dist.train.step import GanModules, bare, discriminator_step, generator_step
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised on the driver when a run stopped on NaN/Inf losses."""
+
+
+STOP_MARKER = "stopped.json"
+
+
+def stop_marker_url(cfg: GanConfig) -> str:
+    """Where rank 0 records why a run stopped early (Ray's result only carries checkpointed metrics)."""
+    return storage.join(storage.join(cfg.checkpoint.storage, cfg.run.name), STOP_MARKER)
 
 
 def progress_logger() -> logging.Logger:
@@ -67,32 +94,6 @@ def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
     )
-
-
-def training_state(m: GanModules, cfg: GanConfig, step: int, rng_states: list[dict], run_id: str | None) -> dict:
-    return {
-        "g": bare(m.g).state_dict(),
-        "d": bare(m.d).state_dict(),
-        "g_ema": m.g_ema.state_dict(),
-        "opt_g": m.opt_g.state_dict(),
-        "opt_d": m.opt_d.state_dict(),
-        "scaler_g": m.scaler_g.state_dict(),
-        "scaler_d": m.scaler_d.state_dict(),
-        "step": step,
-        "rng": rng_states,
-        "mlflow_run_id": run_id,
-        "config": cfg.model_dump(mode="json"),
-    }
-
-
-def restore(m: GanModules, state: dict[str, Any]) -> None:
-    bare(m.g).load_state_dict(state["g"])
-    bare(m.d).load_state_dict(state["d"])
-    m.g_ema.load_state_dict(state["g_ema"])
-    m.opt_g.load_state_dict(state["opt_g"])
-    m.opt_d.load_state_dict(state["opt_d"])
-    m.scaler_g.load_state_dict(state["scaler_g"])
-    m.scaler_d.load_state_dict(state["scaler_d"])
 
 
 def parameter_digest(m: GanModules) -> str:
@@ -135,6 +136,36 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _resume_state(cfg: GanConfig, device: torch.device) -> dict[str, Any] | None:
+    """Ray's latest checkpoint of this run (restart or same-name rerun), else ``checkpoint.resume_from``."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.checkpoint.resume_from:
+        fs, path = pyarrow_filesystem(cfg.checkpoint.resume_from, cfg.storage)
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        return load_checkpoint(ckpt_dir, map_location=device)
+
+
+CHAOS_ENV = "GAN_DIST_CHAOS_FILE"
+
+
+def _chaos_step(run_name: str, rank: int) -> int | None:
+    """Fault drill: if $GAN_DIST_CHAOS_FILE names a JSON file {"run": NAME, "rank": R, "step": S}, rank R
+    of run NAME dies (os._exit) after step S, once: the file is removed first. Read once per worker start."""
+    path = os.environ.get(CHAOS_ENV)
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        plan = json.load(f)
+    return int(plan["step"]) if plan.get("run") == run_name and int(plan.get("rank", 0)) == rank else None
+
+
+def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy({k: v for k, v in state.items() if k != "config"})
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``train_loop_per_worker``)."""
     cfg = GanConfig.model_validate(config)
@@ -142,97 +173,149 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     m = build_modules(cfg, device)
-
-    start_step, run_id = 0, None
-    checkpoint = ray.train.get_checkpoint()
     noise = torch.Generator(device=device)
     noise.manual_seed(cfg.train.seed * 100_003 + rank)  # different noise on each rank, reproducible
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, map_location=device)
-        restore(m, state)
-        start_step, run_id = state["step"], state["mlflow_run_id"]
-        if len(state["rng"]) == world:  # same world size: continue each rank's noise stream exactly
-            noise.set_state(state["rng"][rank]["noise"].cpu())
+
+    step, data_batches, run_id = 0, 0, None
+    resumed = _resume_state(cfg, device)
+    if resumed is not None:
+        restore_modules(m, resumed)
+        step, data_batches = resumed["step"], resumed["data_batches"]
+        if resumed["config"]["run"]["name"] == cfg.run.name:  # fine-tuning into a new name opens a new run
+            run_id = resumed["mlflow_run_id"]
+        if len(resumed["rng"]) == world:  # same world size: continue each rank's random streams exactly
+            restore_rng(resumed["rng"][rank], noise)
 
     tracker: Tracker = NullTracker()
     if rank == 0:
         tracker = MlflowTracker(cfg, run_id)
-        if start_step:
-            progress_logger().info("resumed run '%s' at step %d", cfg.run.name, start_step)
+        if step:
+            progress_logger().info("resumed run '%s' at step %d", cfg.run.name, step)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     fixed_z = fixed_z.to(device)
 
     batch = cfg.per_worker_batch()
-    data = build_loader(cfg, rank, world)
+    data = build_loader(cfg, rank, world, start_batch=data_batches)
+    last_good = _cpu_copy(resumed) if resumed else {"step": 0, "data_batches": 0, **training_state(m)}
+    rollbacks = 0
+    crash_after = _chaos_step(cfg.run.name, rank)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    window_start, window_steps, d_steps = time.perf_counter(), 0, start_step * cfg.train.n_critic
-    status = "FAILED"
+    window_start, window_steps = time.perf_counter(), 0
+    status, stop_reason = "FAILED", ""
     try:
-        for step in range(start_step, cfg.train.steps):
-            for _ in range(cfg.train.n_critic):
+        while step < cfg.train.steps:
+            for k in range(cfg.train.n_critic):
                 real = to_float(next(data), device)
+                data_batches += 1
                 z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
-                terms = discriminator_step(m, cfg, real, z, d_steps, device)
-                d_steps += 1
+                terms = discriminator_step(m, cfg, real, z, step * cfg.train.n_critic + k, device)
             z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
             terms.update(generator_step(m, cfg, z, step, device))
-            for k, v in terms.items():  # lazy terms (R1) appear on some steps only: count per key
-                sums[k] = sums.get(k, 0) + v
-                counts[k] = counts.get(k, 0) + 1
+            for key, value in terms.items():  # lazy terms (R1) appear on some steps only: count per key
+                sums[key] = sums.get(key, 0) + value
+                counts[key] = counts.get(key, 0) + 1
             window_steps += 1
-            done = step + 1
+            step += 1
+            if step == crash_after:
+                os.remove(os.environ[CHAOS_ENV])
+                progress_logger().warning("chaos drill: rank %d exits after step %d", rank, step)
+                os._exit(3)
+            log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            save_now = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
 
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                metrics = _mean_across_ranks(sums, counts, world)
+            if log_now or save_now:
+                metrics = _mean_across_ranks(sums, counts, world)  # identical on all ranks: same decision
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                    if cfg.train.nan_action == "stop" or rollbacks >= cfg.train.max_rollbacks:
+                        stop_reason = f"non-finite {', '.join(bad)} at step {step}"
+                        break
+                    rollbacks += 1
+                    restore_modules(m, last_good)
+                    step = last_good["step"]
+                    noise.manual_seed(cfg.train.seed * 100_003 + rank + 7919 * rollbacks)  # a different path
+                    progress_logger().warning("non-finite %s: rolled back to step %d (%d)", bad, step, rollbacks)
+                    sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
+                    continue
                 elapsed = time.perf_counter() - window_start
                 metrics["images_per_sec"] = window_steps * cfg.train.n_critic * cfg.train.batch_size / elapsed
                 metrics["lr_g"] = m.opt_g.param_groups[0]["lr"]
                 metrics["lr_d"] = m.opt_d.param_groups[0]["lr"]
-                tracker.log_metrics(metrics, step=done)
+                metrics["nan_rollbacks"] = rollbacks
+                tracker.log_metrics(metrics, step=step)
                 if rank == 0:
-                    eta = (cfg.train.steps - done) * elapsed / window_steps
+                    eta = (cfg.train.steps - step) * elapsed / window_steps
                     progress_logger().info(
-                        f"step {done}/{cfg.train.steps} | d_loss {metrics['d_loss']:.4f} "
+                        f"step {step}/{cfg.train.steps} | d_loss {metrics['d_loss']:.4f} "
                         f"g_loss {metrics['g_loss']:.4f} | D(x) {metrics['d_real']:.3f} "
                         f"D(G(z)) {metrics['d_fake']:.3f} | {metrics['images_per_sec']:.0f} img/s | "
                         f"ETA {_format_eta(eta)}"
                     )
                 sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
 
-            if rank == 0 and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
-                tracker.log_image(sample_grid(m.g_ema, fixed_z), key="samples", step=done)
+            if rank == 0 and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
+                tracker.log_image(sample_grid(m.g_ema, fixed_z), key="samples", step=step)
 
-            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                _report_checkpoint(m, cfg, done, rank, world, noise, tracker.run_id, data.skipped)
+            if save_now:
+                state = training_state(
+                    m,
+                    step=step,
+                    data_batches=data_batches,
+                    samples_seen=data_batches * cfg.train.batch_size,
+                    rng=_all_gather(capture_rng(noise), world),
+                    mlflow_run_id=tracker.run_id,
+                    config=cfg.model_dump(mode="json"),
+                )
+                last_good = _cpu_copy(state)
+                _report_checkpoint(state, m, cfg, rank, world, data.skipped)
         status = "FINISHED"
     finally:
-        tracker.finish(status)
+        tracker.finish(status if not stop_reason else "FAILED")
+    if stop_reason:
+        progress_logger().error("stopping: %s", stop_reason)
+        if rank == 0:
+            marker = {"step": step, "reason": stop_reason, "mlflow_run_id": tracker.run_id}
+            storage.write_bytes(stop_marker_url(cfg), json.dumps(marker).encode(), cfg.storage)
 
 
 def _report_checkpoint(
-    m: GanModules,
-    cfg: GanConfig,
-    step: int,
-    rank: int,
-    world: int,
-    noise: torch.Generator,
-    run_id: str | None,
-    skipped: int,
+    state: dict[str, Any], m: GanModules, cfg: GanConfig, rank: int, world: int, skipped: int
 ) -> None:
     """Every rank reports (Ray requires it); rank 0 attaches the checkpoint files."""
-    rng = _all_gather({"noise": noise.get_state()}, world)
+    step = state["step"]
     digests = _all_gather(parameter_digest(m), world)
-    steps = _all_gather(step, world)
-    skipped_total = sum(_all_gather(skipped, world))
     if len(set(digests)) != 1:
         raise RuntimeError(f"DDP replicas diverged at step {step}: parameter digests {digests}")
-    metrics = {"step": step, "rank_steps": steps, "param_digests": digests, "mlflow_run_id": run_id or ""}
-    metrics["data_skipped"] = skipped_total
+    metrics = {
+        "step": step,
+        "rank_steps": _all_gather(step, world),
+        "param_digests": digests,
+        "data_skipped": sum(_all_gather(skipped, world)),
+        "mlflow_run_id": state["mlflow_run_id"] or "",
+    }
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, training_state(m, cfg, step, rng, run_id))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    local = tempfile.mkdtemp(prefix="gan_dist_ckpt_")  # Ray deletes it once uploaded
+    save_checkpoint(local, state)
+    name = f"step-{step:09d}"
+    if cfg.checkpoint.keep_every and step % cfg.checkpoint.keep_every == 0:
+        _archive(local, cfg, name)
+    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.checkpoint.async_upload else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(local),
+        checkpoint_dir_name=name,
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
+
+
+def _archive(local_dir: str, cfg: GanConfig, name: str) -> None:
+    """Copy a checkpoint to ``<storage>/<run>/archive/<name>``, outside Ray's ``num_to_keep`` retention."""
+    fs, root = pyarrow_filesystem(cfg.checkpoint.storage, cfg.storage)
+    dest = f"{root.rstrip('/')}/{cfg.run.name}/archive/{name}"
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    fs.create_dir(dest, recursive=True)
+    pyarrow.fs.copy_files(local_dir, dest, destination_filesystem=fs)

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on one machine, for trying multi-node runs and for the end-to-end tests:
+# a head node (0 CPUs by default, so training lands on workers, as on a real cluster) plus N worker
+# raylets, each with its own CPUs and a custom resource "node-K". Every process started here is recorded
+# in STATE/pids and stopped by its process id — never `ray stop`, which kills every Ray on the host.
+#
+#   cluster/local.sh start [--workers 2] [--cpus-per-worker 1] [--head-cpus 0] [--state DIR]
+#   cluster/local.sh add-worker [--cpus-per-worker 1] [--state DIR]   # one more worker node
+#   cluster/local.sh remove-worker K [--state DIR]                    # kill worker node K by pid
+#   cluster/local.sh stop [--state DIR]
+#
+# After `start`, STATE/address holds the GCS address (for `gan-dist train --address`) and
+# STATE/dashboard the Job Submission address (for `gan-dist submit --address`).
+# Everything binds to 127.0.0.1. RAY_AUTH_MODE defaults to "disabled" here (a loopback-only cluster);
+# export RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN) to try token auth.
+set -euo pipefail
+
+cmd=${1:-}
+shift || true
+workers=2 cpus=1 head_cpus=0 state=${GAN_DIST_CLUSTER_STATE:-/tmp/gan_dist_local_cluster} index=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --workers) workers=$2; shift 2 ;;
+    --cpus-per-worker) cpus=$2; shift 2 ;;
+    --head-cpus) head_cpus=$2; shift 2 ;;
+    --state) state=$2; shift 2 ;;
+    [0-9]*) index=$1; shift ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+RAY=${RAY:-$(command -v ray)}
+PY=${PYTHON:-$(dirname "$RAY")/python}
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Ports a node opens; several nodes on one host must not collide.
+node_ports() {
+  echo --node-manager-port "$(free_port)" --object-manager-port "$(free_port)" \
+    --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
+    --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)"
+}
+
+# Start one node in its own session (so its whole process group can be stopped by pid) and record it.
+launch() {
+  local name=$1; shift
+  setsid "$RAY" start --block --node-ip-address=127.0.0.1 --disable-usage-stats "$@" \
+    >"$state/$name.log" 2>&1 &
+  echo "$name $!" >>"$state/pids"
+}
+
+# Live node count; bounded, since connecting before the GCS is up blocks for a long time.
+live_nodes() {
+  timeout 20 "$PY" - "$(cat "$state/address")" <<'EOF'
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+EOF
+}
+
+wait_for_nodes() {
+  local want=$1
+  for _ in $(seq 1 60); do
+    alive=$(live_nodes 2>/dev/null || true)
+    [ "$alive" = "$want" ] && return 0
+    sleep 2
+  done
+  echo "cluster did not reach $want live nodes; logs in $state" >&2
+  return 1
+}
+
+start_worker() {
+  local k=$1
+  # shellcheck disable=SC2046
+  launch "worker-$k" --address="$(cat "$state/address")" --num-cpus="$cpus" \
+    --resources="{\"node-$k\": 1}" $(node_ports)
+}
+
+case $cmd in
+  start)
+    mkdir -p "$state"
+    [ -s "$state/pids" ] && { echo "a cluster is already recorded in $state (stop it first)" >&2; exit 1; }
+    port=$(free_port) dash=$(free_port)
+    echo "127.0.0.1:$port" >"$state/address"
+    echo "http://127.0.0.1:$dash" >"$state/dashboard"
+    # shellcheck disable=SC2046
+    launch head --head --port="$port" --num-cpus="$head_cpus" --include-dashboard=true \
+      --dashboard-host=127.0.0.1 --dashboard-port="$dash" $(node_ports)
+    for k in $(seq 1 "$workers"); do start_worker "$k"; done
+    wait_for_nodes $((workers + 1))
+    echo "Ray cluster up: head $(cat "$state/address"), dashboard $(cat "$state/dashboard"), $workers workers"
+    ;;
+  add-worker)
+    k=$(( $(grep -c '^worker-' "$state/pids" || true) + 1 ))
+    alive_before=$(live_nodes)
+    start_worker "$k"
+    wait_for_nodes $((alive_before + 1))
+    echo "worker-$k added"
+    ;;
+  remove-worker)
+    pid=$(awk -v n="worker-$index" '$1 == n {print $2}' "$state/pids" | tail -n 1)
+    [ -n "$pid" ] || { echo "no worker-$index recorded in $state" >&2; exit 1; }
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    echo "worker-$index (pid $pid) killed"
+    ;;
+  stop)
+    [ -f "$state/pids" ] || { echo "nothing recorded in $state"; exit 0; }
+    # Workers first, head last; each node's process group gets TERM, then KILL if it lingers.
+    tac "$state/pids" | while read -r name pid; do
+      kill -TERM -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      echo "stopped $name (pid $pid)"
+    done
+    rm -f "$state/pids"
+    ;;
+  *)
+    sed -n '2,16p' "$0"
+    exit 2
+    ;;
+esac
