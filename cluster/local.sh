@@ -31,6 +31,8 @@ done
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 RAY=${RAY:-$(command -v ray)}
 PY=${PYTHON:-$(dirname "$RAY")/python}
+# Jobs' entrypoints ("python -m gan_dist ...") must find the Python environment this Ray runs from.
+export PATH="$(dirname "$RAY"):$PATH"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

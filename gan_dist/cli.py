@@ -23,7 +23,7 @@ def _fail(kind: str, message: str, code: int = 2) -> None:
 @app.command()
 def prepare(
     source: str = typer.Argument(..., help="Image folder, MNIST idx file/folder, or 'sklearn:digits'"),
-    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory for shard-*.tar + manifest.json"),
+    out_dir: str = typer.Argument(..., metavar="OUT", help="Output directory or s3://bucket/prefix"),
     resolution: int = typer.Option(32, help="Square output size in pixels"),
     channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB)"),
     samples_per_shard: int = typer.Option(1000, help="Samples per tar shard"),
@@ -31,8 +31,13 @@ def prepare(
     jpeg_quality: int = typer.Option(95, help="JPEG quality when --format jpeg"),
     resize_filter: str = typer.Option("lanczos", "--filter", help="lanczos or box (the filter changes FID)"),
     flip: bool = typer.Option(False, help="Also store a horizontally flipped copy of every image"),
+    crop: str = typer.Option("center", help="center (square) or wide (StyleGAN's wide crop, letterboxed)"),
+    labels_csv: Optional[str] = typer.Option(None, help="CSV of filename,label for a folder source"),
+    processes: int = typer.Option(1, help="Processes writing shards in parallel"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// OUT (default $AWS_ENDPOINT_URL)"),
 ) -> None:
     """Write WebDataset shards and a manifest from an image source."""
+    from gan_dist.config import StorageConfig
     from gan_dist.data.prepare import prepare as run_prepare
 
     if channels not in (1, 3):
@@ -40,7 +45,7 @@ def prepare(
     try:
         manifest = run_prepare(
             source,
-            str(out_dir),
+            out_dir,
             resolution=resolution,
             channels=channels,
             samples_per_shard=samples_per_shard,
@@ -48,8 +53,12 @@ def prepare(
             jpeg_quality=jpeg_quality,
             resize_filter=resize_filter,
             flip_duplicate=flip,
+            crop=crop,
+            labels_csv=labels_csv,
+            processes=processes,
+            storage=StorageConfig(endpoint_url=endpoint_url),
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         _fail("error", str(exc))
     out.print(
         f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {out_dir} "
@@ -145,3 +154,64 @@ def stop(job_id: str = typer.Argument(...), address: str = typer.Option(..., hel
     from gan_dist import submit as jobs
 
     out.print("stopped" if jobs.stop(job_id, address) else "not running")
+
+
+@app.command()
+def inspect(
+    url: str = typer.Argument(..., help="Dataset directory, brace pattern or s3://bucket/prefix"),
+    grid: Optional[str] = typer.Option("samples.png", help="Write a PNG grid of samples here ('' to skip)"),
+    num: int = typer.Option(64, help="Samples in the grid"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default $AWS_ENDPOINT_URL)"),
+) -> None:
+    """Print a dataset's manifest summary and write a grid of its samples."""
+    from gan_dist.config import StorageConfig
+    from gan_dist.data.inspect import inspect_dataset
+
+    try:
+        out.print(inspect_dataset(url, StorageConfig(endpoint_url=endpoint_url), grid or None, num), highlight=False)
+    except (ValueError, OSError) as exc:
+        _fail("error", str(exc))
+
+
+@app.command()
+def evaluate(
+    source: str = typer.Argument(..., help="Checkpoint directory or exported generator file"),
+    data: str = typer.Option(..., "--data", help="Real dataset URL (as data.url)"),
+    num_images: int = typer.Option(2000, help="Real and generated images"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="eval.* / storage.* overrides"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    cache_dir: Optional[str] = typer.Option(None, help="Real-statistics cache (default ~/.cache/gan_dist)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """FID, KID, IS and precision/recall of a generator against real data."""
+    from gan_dist.config import build_config
+    from gan_dist.evaluate import evaluate as run_evaluate
+    from gan_dist.train.checkpoint import CheckpointError
+
+    try:
+        cfg = build_config({"data": {"url": data}}, overrides or [])
+        scores = run_evaluate(source, data, cfg.eval, cfg.storage, num_images, device, cache_dir, seed)
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+        _fail("error", str(exc))
+    for key, value in scores.items():
+        out.print(f"{key:12s} {value:.6g}")
+
+
+@app.command()
+def sample(
+    source: str = typer.Argument(..., help="Checkpoint directory or exported generator file"),
+    num: int = typer.Option(64, help="Images to write"),
+    out_dir: Path = typer.Option(Path("samples"), "--out", help="Output directory"),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(64),
+    interpolate: int = typer.Option(0, help="Also write a latent interpolation strip with K frames per row"),
+) -> None:
+    """Write PNG samples and a grid (and an interpolation strip) from a generator."""
+    from gan_dist.sample import write_samples
+    from gan_dist.train.checkpoint import CheckpointError
+
+    try:
+        paths = write_samples(source, num, out_dir, seed=seed, batch_size=batch_size, interpolate=interpolate)
+    except (CheckpointError, ValueError, OSError) as exc:
+        _fail("error", str(exc))
+    out.print(f"wrote {len(paths)} files to {out_dir}")

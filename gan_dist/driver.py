@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 
 import gan_dist
 from gan_dist.config import ConfigError, GanConfig
-from gan_dist.data.loader import check_sharding, list_shards
+from gan_dist.data.shards import check_sharding, list_shards
 from gan_dist import storage
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.train.loop import NonFiniteLoss, stop_marker_url, train_worker
@@ -36,18 +36,20 @@ class TrainingOutcome:
 def preflight(cfg: GanConfig) -> list[str]:
     """Fail before Ray starts when the data cannot feed the configured worker group."""
     try:
-        shards = list_shards(cfg.data.url)
+        shards = list_shards(cfg.data.url, cfg.storage)
     except ValueError as exc:
         raise ConfigError("data.url", str(exc)) from None
-    check_sharding(len(shards), cfg.scaling.num_workers, cfg.data.loader_workers)
+    check_sharding(len(shards), cfg.scaling.num_workers, cfg.data.loader_workers, cfg.data.mode)
     return shards
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at ``address``, or start the embedded local Ray instance."""
+    """Join the cluster at ``address`` (or the submitted job's cluster), else start a local Ray instance."""
     if ray.is_initialized():
         return
-    if address is None:
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside a submitted job: join the job's cluster (its runtime env ships this package)
+    elif address is None:
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     else:
         # A remote cluster's workers do not have this package: ship it with the job.

@@ -46,7 +46,8 @@ def job_environment() -> dict[str, str]:
 def submit(config_path: str | Path, overrides: list[str], address: str, job_id: str | None = None) -> tuple[str, str]:
     """Validate the config here, then submit it; returns (job id, run name)."""
     cfg = load_config(config_path, overrides)  # fail before anything reaches the cluster
-    pinned = [*overrides, f"run.name={cfg.run.name}"]
+    named = any(item.strip().startswith("run.name=") for item in overrides)
+    pinned = list(overrides) if named else [*overrides, f"run.name={cfg.run.name}"]
     workdir = Path(tempfile.mkdtemp(prefix="gan_dist_job_"))
     try:
         shutil.copyfile(config_path, workdir / CONFIG_NAME)

@@ -17,8 +17,10 @@ def _history_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree):
-    cfg = build_config(job_tree, TINY_MODEL + ["run.name=e2e-run"])
+def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, digits_classifier):
+    evaluation = ["eval.every=6", "eval.extractor=classifier", f"eval.extractor_path={digits_classifier}",
+                  "eval.num_images=128", "eval.batch_size=64"]
+    cfg = build_config(job_tree, TINY_MODEL + evaluation + ["run.name=e2e-run"])
     first = run_training(cfg)
 
     # Both ranks ran every step and ended with bitwise-identical G and D.
@@ -42,16 +44,21 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree):
     assert run.data.params["model.arch"] == "dcgan"
     for key in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec"):
         assert _history_steps(client, run.info.run_id, key) == [2, 4, 6], key
+    # FID/KID computed across both workers against cached real statistics, logged at the eval step.
+    for key in ("eval/fid", "eval/kid_mean", "eval/is_mean"):
+        assert _history_steps(client, run.info.run_id, key) == [6], key
+    assert client.get_metric_history(run.info.run_id, "eval/fid")[0].value > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert sum("samples" in p and p.endswith(".png") for p in images) >= 2
 
     # Same run name again with more steps: continues from step 6 into the same MLflow run.
-    cfg2 = build_config(job_tree, TINY_MODEL + ["run.name=e2e-run", "train.steps=9"])
+    cfg2 = build_config(job_tree, TINY_MODEL + evaluation + ["run.name=e2e-run", "train.steps=9"])
     second = run_training(cfg2)
     assert second.final_step == 9
     assert second.mlflow_run_id == first.mlflow_run_id
     assert _history_steps(client, run.info.run_id, "d_loss") == [2, 4, 6, 8, 9]
+    assert _history_steps(client, run.info.run_id, "eval/fid") == [6, 9]
     runs = client.search_runs([run.info.experiment_id])
     assert len(runs) == 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gan_dist.config import StorageConfig
+from gan_dist.storage import exists, join, read_bytes, write_bytes
 
 MANIFEST_NAME = "manifest.json"
 
@@ -41,22 +43,19 @@ class Manifest(_Model):
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def write_manifest(manifest: Manifest, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``manifest.json`` atomically: readers see the old file or the new one, never half of one."""
-    target = Path(out_dir) / MANIFEST_NAME
-    tmp = target.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")  # plain open(): keeps the umask's permissions
-    try:
-        tmp.write_text(manifest.model_dump_json(indent=2))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_manifest(
+    manifest: Manifest, out_dir: str | os.PathLike[str], storage: StorageConfig | None = None
+) -> str:
+    """Write ``manifest.json`` into a directory or ``s3://`` prefix; readers see the old file or the new one."""
+    target = join(str(out_dir), MANIFEST_NAME)
+    write_bytes(target, manifest.model_dump_json(indent=2).encode(), storage or StorageConfig())
     return target
 
 
-def read_manifest(url_or_dir: str | os.PathLike[str]) -> Manifest | None:
-    """The manifest of a local dataset directory, or None when there is none (or the URL is remote)."""
-    path = Path(url_or_dir) / MANIFEST_NAME
-    if "://" in str(url_or_dir) or not path.is_file():
+def read_manifest(url_or_dir: str | os.PathLike[str], storage: StorageConfig | None = None) -> Manifest | None:
+    """The manifest of a dataset directory or remote prefix, or None when there is none."""
+    storage = storage or StorageConfig()
+    path = join(str(url_or_dir), MANIFEST_NAME)
+    if not exists(path, storage):
         return None
-    return Manifest.model_validate_json(path.read_text())
+    return Manifest.model_validate_json(read_bytes(path, storage))

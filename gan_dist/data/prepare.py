@@ -1,38 +1,50 @@
-"""Turn an image source into WebDataset tar shards plus a ``manifest.json``.
+"""Turn an image source into WebDataset tar shards plus a ``manifest.json``, locally or on S3.
 
-Sources: ``sklearn:digits``, an MNIST idx file (or a folder holding them), or a folder tree of images
-whose first-level subfolders name the classes. Every image is center-cropped to a square, resized and
-stored as PNG or JPEG; unreadable inputs are skipped and listed in the manifest, never fatal.
+Input ``i`` always lands in shard ``i // k`` (``k`` = inputs per shard), so shard contents and names do not
+depend on how many processes write them: each process takes whole shards (its own slices of the input),
+writes each to a temporary file and publishes it when complete (rename, or upload to ``s3://``). The manifest
+is written last: a dataset without one is unfinished. Unreadable inputs are skipped and listed, never fatal.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
+import math
 import os
-import struct
+import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from gan_dist.config import StorageConfig
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SkippedInput, write_manifest
+from gan_dist.data.sources import Source, open_source
+from gan_dist.storage import delete, is_remote, is_s3, join, list_objects, upload_file
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
-_IDX_IMAGES, _IDX_LABELS = 2051, 2049  # idx magic numbers: ubyte data with 3 resp. 1 dimensions
+CROPS = ("center", "wide")
 
 
-@dataclass
-class _Source:
-    total: int
-    labels: list[str] | None
-    images: Iterator[tuple[Image.Image | None, int | None]]  # None image: skipped (already recorded)
+@dataclass(frozen=True)
+class _Recipe:
+    """How every shard is written; sent once to each worker process."""
+
+    out: str
+    resolution: int
+    mode: str
+    image_format: str
+    jpeg_quality: int
+    resize_filter: str
+    flip_duplicate: bool
+    crop: str
+    inputs_per_shard: int
+    storage: StorageConfig
 
 
 def prepare(
@@ -47,16 +59,32 @@ def prepare(
     resize_filter: str = "lanczos",
     flip_duplicate: bool = False,
     progress: bool = True,
+    crop: str = "center",
+    labels_csv: str | None = None,
+    processes: int = 1,
+    storage: StorageConfig | None = None,
 ) -> Manifest:
-    """Write ``OUT/shard-NNNNNN.tar`` + ``OUT/manifest.json`` from ``source``; returns the manifest."""
+    """Write ``OUT/shard-NNNNNN.tar`` + ``OUT/manifest.json`` from ``source``; returns the manifest.
+
+    ``out``: a local directory or ``s3://bucket/prefix``. ``samples_per_shard``: at most this many samples per
+    shard (fewer where inputs were skipped). ``crop``: ``center`` (square center crop) or ``wide`` (StyleGAN's
+    wide crop: full width kept, letterboxed). ``labels_csv``: ``filename,label`` rows for a folder source.
+    ``processes``: worker processes writing shards in parallel. ``storage``: endpoint settings for S3.
+    """
+    out = str(out)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if image_format not in ("png", "jpeg"):
         raise ValueError(f"image_format must be 'png' or 'jpeg', got '{image_format}'")
     if resize_filter not in FILTERS:
         raise ValueError(f"resize_filter must be one of {sorted(FILTERS)}, got '{resize_filter}'")
-    if resolution < 1 or samples_per_shard < 1 or not 1 <= jpeg_quality <= 100:
-        raise ValueError("resolution and samples_per_shard must be >= 1 and jpeg_quality in 1..100")
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {list(CROPS)}, got '{crop}'")
+    if resolution < 1 or samples_per_shard < 1 or processes < 1 or not 1 <= jpeg_quality <= 100:
+        raise ValueError("resolution, samples_per_shard and processes must be >= 1 and jpeg_quality in 1..100")
+    if is_remote(out) and not is_s3(out):
+        raise ValueError(f"{out}: OUT must be a local directory or an s3:// prefix")
+    storage = storage or StorageConfig()
     settings = {
         "source": source,
         "resolution": resolution,
@@ -66,30 +94,39 @@ def prepare(
         "jpeg_quality": jpeg_quality,
         "resize_filter": resize_filter,
         "flip_duplicate": flip_duplicate,
+        "crop": crop,
+        "labels_csv": labels_csv,
     }
-    skipped: list[SkippedInput] = []
-    src = _open_source(source, skipped)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    src = open_source(source, labels_csv)
+    recipe = _Recipe(
+        out=out,
+        resolution=resolution,
+        mode="L" if channels == 1 else "RGB",
+        image_format=image_format,
+        jpeg_quality=jpeg_quality,
+        resize_filter=resize_filter,
+        flip_duplicate=flip_duplicate,
+        crop=crop,
+        inputs_per_shard=max(1, samples_per_shard // (2 if flip_duplicate else 1)),
+        storage=storage,
+    )
+    if not is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     # An old manifest would describe a mix of old and new shards if this run dies half-way.
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    delete(join(out, MANIFEST_NAME), storage)
 
-    mode, ext = ("L" if channels == 1 else "RGB"), ("png" if image_format == "png" else "jpg")
-    shards = _ShardSink(out_dir, samples_per_shard)
-    for image, label in tqdm(src.images, total=src.total, desc="prepare", unit="img", disable=not progress):
-        if image is None:
-            continue
-        image = _square(image.convert(mode), resolution, FILTERS[resize_filter])
-        for variant in (image, ImageOps.mirror(image)) if flip_duplicate else (image,):
-            sample = {"__key__": f"{shards.count:09d}", ext: _encode(variant, image_format, jpeg_quality)}
-            if src.labels is not None:
-                sample["cls"] = label
-            shards.write(sample)
-    written = shards.close()
+    written: list[ShardInfo] = []
+    skipped: list[SkippedInput] = []
+    num_shards = math.ceil(src.total / recipe.inputs_per_shard)
+    with tqdm(total=src.total, desc="prepare", unit="img", disable=not progress) as bar:
+        for index, (info, bad) in enumerate(_write_all(src, recipe, num_shards, processes)):
+            bar.update(len(_inputs(recipe, src.total, index)))
+            skipped += bad
+            if info is not None:
+                written.append(info)
     if not written:
         raise ValueError(f"{source}: no usable images ({len(skipped)} inputs skipped)")
-    for stale in set(out_dir.glob("shard-*.tar")) - {out_dir / s.name for s in written}:
-        stale.unlink()  # left over from an earlier, larger run into the same directory
+    _remove_stale_shards(out, {s.name for s in written}, storage)
 
     manifest = Manifest(
         num_samples=sum(s.num_samples for s in written),
@@ -101,174 +138,116 @@ def prepare(
         skipped=skipped,
         settings=settings,
     )
-    write_manifest(manifest, out_dir)
+    write_manifest(manifest, out, storage)
     return manifest
 
 
-def _square(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    """Center-crop to a square, then resize to ``size`` x ``size``."""
+def _inputs(recipe: _Recipe, total: int, index: int) -> range:
+    k = recipe.inputs_per_shard
+    return range(index * k, min(total, (index + 1) * k))
+
+
+def _write_all(
+    src: Source, recipe: _Recipe, num_shards: int, processes: int
+) -> Iterator[tuple[ShardInfo | None, list[SkippedInput]]]:
+    """Results of every shard in shard order, written here or by a pool of processes."""
+    if processes == 1 or num_shards == 1:
+        yield from (_write_shard(src, recipe, i) for i in range(num_shards))
+        return
+    pool = ProcessPoolExecutor(min(processes, num_shards), initializer=_init_worker, initargs=(src, recipe))
+    try:
+        yield from pool.map(_worker_write_shard, range(num_shards))
+    except BaseException:
+        pool.shutdown(cancel_futures=True)  # do not write the remaining shards before reporting the error
+        raise
+    pool.shutdown()
+
+
+_WORKER: tuple[Source, _Recipe] | None = None
+
+
+def _init_worker(src: Source, recipe: _Recipe) -> None:
+    global _WORKER
+    _WORKER = (src, recipe)
+
+
+def _worker_write_shard(index: int) -> tuple[ShardInfo | None, list[SkippedInput]]:
+    assert _WORKER is not None, "worker process not initialised"
+    return _write_shard(*_WORKER, index)
+
+
+def _write_shard(src: Source, recipe: _Recipe, index: int) -> tuple[ShardInfo | None, list[SkippedInput]]:
+    """Write shard ``index`` from its inputs; None when every input was skipped (no shard is written)."""
+    name = f"shard-{index:06d}.tar"
+    ext = "png" if recipe.image_format == "png" else "jpg"
+    if is_remote(recipe.out):
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+    else:
+        tmp = Path(recipe.out) / f"{name}.tmp"  # same filesystem: the final rename is atomic
+    skipped: list[SkippedInput] = []
+    count = 0
+    try:
+        with TarWriter(str(tmp), mtime=0) as tar:  # fixed mtime: reruns give identical shards
+            for i in _inputs(recipe, src.total, index):
+                image, label, why = src.load(i)
+                if image is None:
+                    skipped.append(why)
+                    continue
+                image = _square(image.convert(recipe.mode), recipe)
+                variants = [("", image)]
+                if recipe.flip_duplicate:
+                    variants.append(("_mirror", ImageOps.mirror(image)))
+                for suffix, variant in variants:
+                    sample = {"__key__": f"{i:09d}{suffix}", ext: _encode(variant, recipe)}
+                    if label is not None:
+                        sample["cls"] = label
+                    tar.write(sample)
+                    count += 1
+        if count == 0:
+            return None, skipped
+        with open(tmp, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        info = ShardInfo(name=name, num_samples=count, bytes=tmp.stat().st_size, sha256=digest)
+        if is_remote(recipe.out):
+            upload_file(tmp, join(recipe.out, name), recipe.storage)
+        else:
+            os.replace(tmp, Path(recipe.out) / name)
+        return info, skipped
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _square(image: Image.Image, recipe: _Recipe) -> Image.Image:
+    """A ``resolution``-sized square: center crop, or StyleGAN's wide crop for landscape images."""
+    size, resample = recipe.resolution, FILTERS[recipe.resize_filter]
     w, h = image.size
+    if recipe.crop == "wide" and w > h:
+        return ImageOps.pad(image, (size, size), method=resample, color=0)  # full width, black bars above/below
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     return image if side == size else image.resize((size, size), resample)
 
 
-def _encode(image: Image.Image, image_format: str, quality: int) -> bytes:
+def _encode(image: Image.Image, recipe: _Recipe) -> bytes:
     buf = io.BytesIO()
-    if image_format == "png":
+    if recipe.image_format == "png":
         image.save(buf, "PNG")
     else:
-        image.save(buf, "JPEG", quality=quality)
+        image.save(buf, "JPEG", quality=recipe.jpeg_quality)
     return buf.getvalue()
 
 
-class _ShardSink:
-    """Fills numbered shards; a shard gets its final name only once complete, so a crash leaves none half-written."""
-
-    def __init__(self, out_dir: Path, per_shard: int) -> None:
-        self.out_dir, self.per_shard = out_dir, per_shard
-        self.count = 0  # samples written in total
-        self.shards: list[ShardInfo] = []
-        self._tar: TarWriter | None = None
-        self._in_shard = 0
-
-    def write(self, sample: dict) -> None:
-        if self._tar is None:
-            self._tar = TarWriter(str(self._tmp_path()), mtime=0)  # fixed mtime: reruns give identical shards
-        self._tar.write(sample)
-        self.count += 1
-        self._in_shard += 1
-        if self._in_shard == self.per_shard:
-            self._finish()
-
-    def close(self) -> list[ShardInfo]:
-        if self._tar is not None:
-            self._finish()
-        return self.shards
-
-    def _tmp_path(self) -> Path:
-        return self.out_dir / f"shard-{len(self.shards):06d}.tar.tmp"
-
-    def _finish(self) -> None:
-        assert self._tar is not None
-        self._tar.close()
-        tmp = self._tmp_path()
-        name = tmp.name.removesuffix(".tmp")
-        size, digest = tmp.stat().st_size, _sha256(tmp)
-        self.shards.append(ShardInfo(name=name, num_samples=self._in_shard, bytes=size, sha256=digest))
-        _publish(tmp, self.out_dir / name)
-        self._tar, self._in_shard = None, 0
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Make a finished file visible under its final name (the one place to swap for object storage)."""
-    os.replace(tmp, final)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ---- sources ---------------------------------------------------------------------------------------
-
-
-def _open_source(source: str, skipped: list[SkippedInput]) -> _Source:
-    if source == "sklearn:digits":
-        return _digits()
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"source not found: {source}")
-    if path.is_file() and _is_idx_images(path):
-        return _mnist([path])
-    if path.is_dir():
-        idx = sorted(p for p in path.iterdir() if "images" in p.name and _is_idx_images(p))
-        if idx:
-            return _mnist([p for p in idx if not (p.suffix == ".gz" and p.with_suffix("") in idx)])
-        return _folder(path, skipped)
-    raise ValueError(f"{source}: not 'sklearn:digits', an MNIST idx images file, or a folder of images")
-
-
-def _arrays(images: np.ndarray, labels: np.ndarray | None, classes: list[str] | None) -> _Source:
-    def gen() -> Iterator[tuple[Image.Image, int | None]]:
-        for i, pixels in enumerate(images):
-            yield Image.fromarray(pixels), (int(labels[i]) if labels is not None else None)
-
-    return _Source(total=len(images), labels=classes, images=gen())
-
-
-def _digits() -> _Source:
-    from sklearn.datasets import load_digits  # slow import, only this source needs it
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # stored as 0..16
-    return _arrays(pixels, digits.target, [str(d) for d in range(10)])
-
-
-def _is_idx_images(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(("-idx3-ubyte", "-idx3-ubyte.gz"))
-
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
-    found = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
-    if found != magic:
-        raise ValueError(f"{path}: not an idx file of the expected kind (magic {found}, want {magic})")
-    ndim = magic & 0xFF
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {body.size} bytes of data")
-    return body.reshape(shape)
-
-
-def _mnist(image_files: list[Path]) -> _Source:
-    """MNIST-style idx files; labels are used only when every images file has its labels file."""
-    images, labels = [], []
-    for path in image_files:
-        images.append(_read_idx(path, _IDX_IMAGES))
-        stem = path.name.removesuffix(".gz").replace("idx3-ubyte", "idx1-ubyte").replace("images", "labels")
-        found = [p for p in (path.with_name(stem), path.with_name(stem + ".gz")) if p.is_file()]
-        labels.append(_read_idx(found[0], _IDX_LABELS) if found else None)
-        if labels[-1] is not None and len(labels[-1]) != len(images[-1]):
-            raise ValueError(f"{found[0]}: {len(labels[-1])} labels for {len(images[-1])} images")
-    if any(lab is None for lab in labels):
-        return _arrays(np.concatenate(images), None, None)
-    stacked = np.concatenate(labels)
-    return _arrays(np.concatenate(images), stacked, [str(c) for c in range(int(stacked.max()) + 1)])
-
-
-def _folder(root: Path, skipped: list[SkippedInput]) -> _Source:
-    """Images anywhere under ``root``; classes are the first-level subfolders when every image has one."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    parts = [p.relative_to(root).parts for p in files]
-    classes = sorted({pp[0] for pp in parts}) if all(len(pp) > 1 for pp in parts) else None
-    index = {name: i for i, name in enumerate(classes or [])}
-
-    def gen() -> Iterator[tuple[Image.Image | None, int | None]]:
-        for path, pp in zip(files, parts, strict=True):
-            label = index.get(pp[0])
-            reason = "empty file" if path.stat().st_size == 0 else None
-            if reason is None:
-                try:
-                    with Image.open(path) as im:
-                        im.load()  # decode now: truncated files fail here, not later
-                        image = ImageOps.exif_transpose(im)  # camera photos store rotation in EXIF
-                except UnidentifiedImageError:
-                    reason = "not an image format PIL can read"
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-            if reason is not None:
-                skipped.append(SkippedInput(path=str(path.relative_to(root)), reason=reason))
-                yield None, label
-            else:
-                yield image, label
-
-    return _Source(total=len(files), labels=classes, images=gen())
+def _remove_stale_shards(out: str, keep: set[str], storage: StorageConfig) -> None:
+    """Shards left over from an earlier, larger run into the same place."""
+    if is_remote(out):
+        prefix = out.rstrip("/") + "/"
+        found = [u for u in list_objects(out, storage) if "/" not in u[len(prefix) :]]
+    else:
+        found = [str(p) for p in Path(out).iterdir()]
+    for url in found:
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
+            delete(url, storage)

@@ -31,6 +31,8 @@ from torchvision.utils import make_grid
 
 from gan_dist.config import GanConfig
 from gan_dist.data.loader import build_loader, to_float
+from gan_dist.evaluate import evaluate_generator_distributed, real_statistics
+from gan_dist.metrics.features import build_extractor
 from gan_dist.models import build_discriminator, build_generator
 from gan_dist import storage
 from gan_dist.storage import pyarrow_filesystem
@@ -194,6 +196,15 @@ def train_worker(config: dict[str, Any]) -> None:
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     fixed_z = fixed_z.to(device)
 
+    extractor = real_stats = None
+    if cfg.eval.every:  # every rank, together: the real-data statistics are computed sharded (and cached)
+        extractor = build_extractor(cfg.eval, device)
+        cache = storage.join(storage.join(cfg.checkpoint.storage, cfg.run.name), "eval-cache")
+        real_stats = real_statistics(
+            cfg.data.url, cfg.storage, extractor, cfg.data.resolution, cfg.data.channels, cfg.eval.num_images,
+            cache, cfg.eval.batch_size, rank, world, device,
+        )
+
     batch = cfg.per_worker_batch()
     data = build_loader(cfg, rank, world, start_batch=data_batches)
     last_good = _cpu_copy(resumed) if resumed else {"step": 0, "data_batches": 0, **training_state(m)}
@@ -238,6 +249,8 @@ def train_worker(config: dict[str, Any]) -> None:
                     progress_logger().warning("non-finite %s: rolled back to step %d (%d)", bad, step, rollbacks)
                     sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
                     continue
+
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 metrics["images_per_sec"] = window_steps * cfg.train.n_critic * cfg.train.batch_size / elapsed
                 metrics["lr_g"] = m.opt_g.param_groups[0]["lr"]
@@ -256,6 +269,15 @@ def train_worker(config: dict[str, Any]) -> None:
 
             if rank == 0 and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
                 tracker.log_image(sample_grid(m.g_ema, fixed_z), key="samples", step=step)
+
+            if extractor is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                scores = evaluate_generator_distributed(
+                    m.g_ema, cfg.model.z_dim, extractor, real_stats, cfg.eval.num_images, cfg.eval.batch_size,
+                    rank, world, device, seed=cfg.train.seed,
+                )
+                if scores is not None:  # rank 0
+                    tracker.log_metrics({f"eval/{k}": v for k, v in scores.items()}, step=step)
+                    progress_logger().info("step %d | %s", step, " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
             if save_now:
                 state = training_state(
