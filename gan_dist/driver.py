@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 
 import gan_dist
 from gan_dist.config import ConfigError, GanConfig
-from gan_dist.data.shards import check_sharding, list_shards
+from gan_dist.data.shards import plan_data
 from gan_dist import storage
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.train.loop import NonFiniteLoss, stop_marker_url, train_worker
@@ -33,14 +33,12 @@ class TrainingOutcome:
     metrics: dict
 
 
-def preflight(cfg: GanConfig) -> list[str]:
+def preflight(cfg: GanConfig) -> None:
     """Fail before Ray starts when the data cannot feed the configured worker group."""
     try:
-        shards = list_shards(cfg.data.url, cfg.storage)
+        plan_data(cfg, cfg.scaling.num_workers)
     except ValueError as exc:
         raise ConfigError("data.url", str(exc)) from None
-    check_sharding(len(shards), cfg.scaling.num_workers, cfg.data.loader_workers, cfg.data.mode)
-    return shards
 
 
 def connect(address: str | None) -> None:

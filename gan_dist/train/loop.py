@@ -178,11 +178,12 @@ def train_worker(config: dict[str, Any]) -> None:
     noise = torch.Generator(device=device)
     noise.manual_seed(cfg.train.seed * 100_003 + rank)  # different noise on each rank, reproducible
 
-    step, data_batches, run_id = 0, 0, None
+    step, data_batches, skipped_before, run_id = 0, 0, 0, None
     resumed = _resume_state(cfg, device)
     if resumed is not None:
         restore_modules(m, resumed)
         step, data_batches = resumed["step"], resumed["data_batches"]
+        skipped_before = resumed["data_skipped"]  # the loader counts from its start_batch on
         if resumed["config"]["run"]["name"] == cfg.run.name:  # fine-tuning into a new name opens a new run
             run_id = resumed["mlflow_run_id"]
         if len(resumed["rng"]) == world:  # same world size: continue each rank's random streams exactly
@@ -207,7 +208,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     batch = cfg.per_worker_batch()
     data = build_loader(cfg, rank, world, start_batch=data_batches)
-    last_good = _cpu_copy(resumed) if resumed else {"step": 0, "data_batches": 0, **training_state(m)}
+    last_good = _cpu_copy(resumed) if resumed else {"step": 0, **training_state(m)}
     rollbacks = 0
     crash_after = _chaos_step(cfg.run.name, rank)
     sums: dict[str, torch.Tensor] = {}
@@ -284,13 +285,14 @@ def train_worker(config: dict[str, Any]) -> None:
                     m,
                     step=step,
                     data_batches=data_batches,
+                    data_skipped=skipped_before + sum(_all_gather(data.skipped, world)),
                     samples_seen=data_batches * cfg.train.batch_size,
                     rng=_all_gather(capture_rng(noise), world),
                     mlflow_run_id=tracker.run_id,
                     config=cfg.model_dump(mode="json"),
                 )
                 last_good = _cpu_copy(state)
-                _report_checkpoint(state, m, cfg, rank, world, data.skipped)
+                _report_checkpoint(state, m, cfg, rank, world)
         status = "FINISHED"
     finally:
         tracker.finish(status if not stop_reason else "FAILED")
@@ -301,9 +303,7 @@ def train_worker(config: dict[str, Any]) -> None:
             storage.write_bytes(stop_marker_url(cfg), json.dumps(marker).encode(), cfg.storage)
 
 
-def _report_checkpoint(
-    state: dict[str, Any], m: GanModules, cfg: GanConfig, rank: int, world: int, skipped: int
-) -> None:
+def _report_checkpoint(state: dict[str, Any], m: GanModules, cfg: GanConfig, rank: int, world: int) -> None:
     """Every rank reports (Ray requires it); rank 0 attaches the checkpoint files."""
     step = state["step"]
     digests = _all_gather(parameter_digest(m), world)
@@ -313,7 +313,7 @@ def _report_checkpoint(
         "step": step,
         "rank_steps": _all_gather(step, world),
         "param_digests": digests,
-        "data_skipped": sum(_all_gather(skipped, world)),
+        "data_skipped": state["data_skipped"],
         "mlflow_run_id": state["mlflow_run_id"] or "",
     }
     if rank != 0:
