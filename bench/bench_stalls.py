@@ -32,6 +32,7 @@ from common import (
     scratch,
     spread,
     step_intervals,
+    wait_for_quiet,
     write_results,
 )
 
@@ -68,6 +69,7 @@ def run(work: Path, shards: Path, overrides: list[str], steps: int, every: int) 
         "span_ms": {name: 1000 * statistics.fmean(v) for name, v in spans.items() if v},
         "load_before": r["load_before"][0],
         "load_after": r["load_after"][0],
+        "runnable": r["runnable"],
         "wall_s": r["wall_s"],
         "phases_s": r["phases_s"],
         "intervals_s": intervals,
@@ -87,10 +89,11 @@ def main() -> None:
     with scratch() as tmp, ray_session(num_cpus=2):
         shards = prepare_digits(Path(tmp))
         for rep in range(args.reps):
+            waited = wait_for_quiet()
             for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order per rep
                 print_progress(f"rep {rep + 1}/{args.reps}: {name}")
                 r = run(Path(tmp), shards, configs[name], args.steps, args.every)
-                runs.append({"mode": name, "rep": rep + 1, **r})
+                runs.append({"mode": name, "rep": rep + 1, "waited_for_quiet_s": round(waited), **r})
                 print_progress(f"  mean step {r['step_ms_mean']:.1f} ms; spans {r['span_ms']}")
 
     off = statistics.median(r["step_ms_mean"] for r in runs if r["mode"] == "off")
@@ -109,6 +112,8 @@ def main() -> None:
             "range": f"{mean['min']:.1f}–{mean['max']:.1f}",
             "ratio": ratios[name],
             "extra_ms": statistics.median(r["after_event_ms"] - r["plain_ms"] for r in mine),
+            # The same ratio from inside each run (immune to load drifting between runs): 1 + stall / (every x step).
+            "within_run": statistics.median(1 + (r["after_event_ms"] - r["plain_ms"]) / (args.every * r["plain_ms"]) for r in mine),
             "spans": ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in sorted(spans.items())),
         })  # fmt: skip
     for r in runs:
@@ -117,18 +122,24 @@ def main() -> None:
     run_columns = [
         ("mode", "mode"), ("rep", "rep"), ("step_ms_mean", "mean step ms"), ("step_ms_median", "median step ms"),
         ("after_event_ms", f"median ms, step after a log/ckpt step"), ("plain_ms", "median ms, other steps"),
-        ("cpu_s_per_step", "CPU s/step"), ("ratio", "mean / median(off)"), ("load", "load 1-min before → after"),
+        ("cpu_s_per_step", "CPU s/step"), ("ratio", "mean / median(off)"),
+        ("runnable", "runnable tasks (mean, machine)"), ("load", "load 1-min before → after"),
     ]  # fmt: skip
     summary_columns = [
         ("mode", "mode"), ("mean_step_ms", "mean step ms (median of reps)"), ("range", "min–max"),
-        ("ratio", "ratio to off"), ("extra_ms", "extra ms per log/ckpt step"),
+        ("ratio", "ratio to off"), ("extra_ms", "extra ms per log/ckpt step"), ("within_run", "ratio within runs"),
         ("spans", "mean ms per call inside the step (median of reps)"),
     ]  # fmt: skip
-    verdict = {n: ("met" if ratios[n] <= GOAL else "NOT met") for n in names[1:]}
+    within = {row["mode"]: row["within_run"] for row in summary_rows}
+    verdict = {n: ("met" if max(ratios[n], within[n]) <= GOAL else "NOT met") for n in names[1:]}
     summary = [
-        f"Goal ≤ {GOAL}x: " + "; ".join(f"{n}: {ratios[n]:.3f}x **{verdict[n]}**" for n in names[1:]) + ".",
-        f"'extra ms' = median of the steps that follow a log/checkpoint step minus median of the others: the "
-        f"stall per event; the mean-step ratio spreads it over {args.every} steps.",
+        f"Goal ≤ {GOAL}x: " + "; ".join(
+            f"{n}: {ratios[n]:.3f}x between runs, {within[n]:.3f}x within runs, **{verdict[n]}**" for n in names[1:]
+        ) + ".",
+        "'ratio within runs' = 1 + extra ms per event / (every × median ms of the other steps) of the same run: "
+        "it does not see load changes between runs, but only stalls that land on the step after the event.",
+        "'extra ms' = median of the steps that follow a log/checkpoint step minus median of the others: the "
+        "stall per event. 'mean ms per call' times gan_dist's own functions inside those steps.",
         "The step-to-step noise from other jobs on these 2 cores is of the same order as the effect measured; "
         "read the per-run table before trusting a difference of a few percent.",
     ]

@@ -52,6 +52,8 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
     assert "config.yaml" in artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert sum("samples" in p and p.endswith(".png") for p in images) >= 2
+    assert any("real_samples" in p for p in images)
+    assert run.data.params["cluster.world_size"] == "2"
 
     # Same run name again with more steps: continues from step 6 into the same MLflow run.
     cfg2 = build_config(job_tree, TINY_MODEL + evaluation + ["run.name=e2e-run", "train.steps=9"])

@@ -39,6 +39,7 @@ from gan_dist.storage import pyarrow_filesystem
 from gan_dist.tracking import MlflowTracker, NullTracker, Tracker
 from gan_dist.train.checkpoint import (
     capture_rng,
+    export_generator,
     load_checkpoint,
     restore_modules,
     restore_rng,
@@ -107,11 +108,15 @@ def parameter_digest(m: GanModules) -> str:
     return h.hexdigest()
 
 
+def _grid(images: torch.Tensor) -> Image.Image:
+    """Images in [-1, 1] as one square-ish PNG grid."""
+    grid = make_grid(images.float().cpu(), nrow=int(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
+    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
 def sample_grid(g_ema: torch.nn.Module, z: torch.Tensor) -> Image.Image:
     with torch.no_grad():
-        images = g_ema(z).float().cpu()
-    grid = make_grid(images, nrow=int(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+        return _grid(g_ema(z))
 
 
 def _all_gather(obj: Any, world: int) -> list[Any]:
@@ -189,9 +194,11 @@ def train_worker(config: dict[str, Any]) -> None:
         if len(resumed["rng"]) == world:  # same world size: continue each rank's random streams exactly
             restore_rng(resumed["rng"][rank], noise)
 
+    num_nodes = len(set(_all_gather(ray.get_runtime_context().get_node_id(), world)))
     tracker: Tracker = NullTracker()
     if rank == 0:
         tracker = MlflowTracker(cfg, run_id)
+        tracker.log_cluster(world_size=world, num_nodes=num_nodes, gpus=world if cfg.scaling.use_gpu else 0)
         if step:
             progress_logger().info("resumed run '%s' at step %d", cfg.run.name, step)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -219,6 +226,8 @@ def train_worker(config: dict[str, Any]) -> None:
         while step < cfg.train.steps:
             for k in range(cfg.train.n_critic):
                 real = to_float(next(data), device)
+                if data_batches == 0 and rank == 0:  # a fresh run shows what it learns from, once
+                    tracker.log_image(_grid(real[: cfg.train.sample_grid]), key="real_samples", step=0)
                 data_batches += 1
                 z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
                 terms = discriminator_step(m, cfg, real, z, step * cfg.train.n_critic + k, device)
@@ -294,6 +303,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 last_good = _cpu_copy(state)
                 _report_checkpoint(state, m, cfg, rank, world)
         status = "FINISHED"
+        if rank == 0 and not stop_reason:
+            _log_generator(tracker, m, cfg, step)
     finally:
         tracker.finish(status if not stop_reason else "FAILED")
     if stop_reason:
@@ -332,6 +343,14 @@ def _report_checkpoint(state: dict[str, Any], m: GanModules, cfg: GanConfig, ran
         checkpoint_upload_mode=mode,
         delete_local_checkpoint_after_upload=True,
     )
+
+
+def _log_generator(tracker: Tracker, m: GanModules, cfg: GanConfig, step: int) -> None:
+    """The final EMA generator as an MLflow model (optionally registered); bounded wait inside the tracker."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, training_state(m, step=step, config=cfg.model_dump(mode="json")))
+        exported = export_generator(tmp, f"{tmp}/generator.pt")
+        tracker.log_generator(exported, register_as=cfg.tracking.register_model)
 
 
 def _archive(local_dir: str, cfg: GanConfig, name: str) -> None:

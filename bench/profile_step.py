@@ -1,0 +1,133 @@
+"""Where the trainer's step time goes, without Ray: one process, variants interleaved block by block.
+
+Each variant adds one piece of what a gan_dist worker does to the one before it:
+
+- A tutorial: the bare loop's step (bench/bare_loop.py: PyTorch DCGAN tutorial loop), in-memory data
+- B gan_dist step: ``discriminator_step`` + ``generator_step`` (fakes from a no-grad G in the D step, a
+  fresh G(z) for the G step through a frozen D, grad norms, EMA) and the loop's per-step metric sums; plain
+  modules, in-memory data
+- C + DDP: the same with G and D wrapped in DDP over a 1-process gloo group, as Ray Train gives 1 worker
+- D + loader: the same with batches from gan_dist's ``build_loader`` (1 DataLoader worker process decoding
+  the PNG shards) instead of memory
+
+Variants run in blocks of ``--block`` steps, round-robin, for ``--rounds`` rounds (the first is warm-up), so
+bursts of other jobs' load hit all of them alike. torch threads = 2, as the overhead benchmark's worker. The
+remainder between D and the measured trainer is what Ray's worker process and MLflow add.
+
+    python bench/profile_step.py [--rounds 10] [--block 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bare_loop import MemoryBatches, TutorialStep
+from common import QUICKSTART, RunnableSampler, load_images, machine, prepare_digits, scratch, spread, write_results
+
+THREADS = 2
+
+
+def gan_dist_step(cfg: Any, data: Any) -> Callable[[], None]:
+    """The body of gan_dist.train.loop.train_worker's step loop (n_critic=1), on modules built by gan_dist."""
+    from gan_dist.data.loader import to_float
+    from gan_dist.train.loop import build_modules
+    from gan_dist.train.step import discriminator_step, generator_step
+
+    device = torch.device("cpu")
+    m = build_modules(cfg, device)  # DDP-wrapped iff a process group is up, exactly as in a worker
+    noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 100_003)
+    batch, state = cfg.per_worker_batch(), {"step": 0, "sums": {}}
+
+    def step() -> None:
+        real = to_float(next(data), device) if data.__class__.__name__ == "BatchIterator" else next(data)
+        z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
+        terms = discriminator_step(m, cfg, real, z, state["step"], device)
+        z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
+        terms.update(generator_step(m, cfg, z, state["step"], device))
+        for key, value in terms.items():  # as the loop: detached tensors summed, read once per log window
+            state["sums"][key] = state["sums"].get(key, 0) + value
+        state["step"] += 1
+
+    return step
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--block", type=int, default=5, help="steps per variant per round")
+    args = parser.parse_args()
+    info = machine()
+    torch.set_num_threads(THREADS)
+    from gan_dist.config import load_config
+    from gan_dist.data.loader import build_loader
+
+    with scratch() as tmp:
+        shards = prepare_digits(Path(tmp))
+        cfg = load_config(QUICKSTART, [f"data.url={shards}", "scaling.num_workers=1"])
+        images = load_images(shards)
+        tutorial = TutorialStep()
+        memory = MemoryBatches(images, cfg.train.batch_size)
+        variants: dict[str, Callable[[], None]] = {
+            "A tutorial loop (in-memory data)": lambda: tutorial(next(memory)),
+            "B gan_dist step functions": gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size)),
+        }
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        try:
+            variants["C + DDP (gloo, world size 1)"] = gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size))
+            variants["D + gan_dist loader (1 process)"] = gan_dist_step(cfg, build_loader(cfg, 0, 1))
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            with RunnableSampler() as sampler:
+                for rnd in range(args.rounds):
+                    for name, step in variants.items():
+                        for _ in range(args.block):
+                            t0 = time.perf_counter()
+                            step()
+                            if rnd:  # round 0 warms up every variant (allocator, loader start, first batches)
+                                times[name].append(time.perf_counter() - t0)
+        finally:
+            dist.destroy_process_group()
+
+    base = statistics.median(times[next(iter(times))])
+    rows, previous = [], None
+    for name, values in times.items():
+        s = spread([1000 * v for v in values])
+        rows.append({
+            "variant": name, "steps": s["n"], "median_ms": s["median"], "mean_ms": statistics.fmean(s["values"]),
+            "vs_tutorial": s["median"] / (1000 * base),
+            "vs_previous": s["median"] / previous if previous else None,
+            "p10_p90": f"{sorted(s['values'])[s['n'] // 10]:.1f}–{sorted(s['values'])[9 * s['n'] // 10]:.1f}",
+        })  # fmt: skip
+        previous = s["median"]
+    columns = [
+        ("variant", "variant"), ("steps", "steps timed"), ("median_ms", "median step ms"), ("mean_ms", "mean ms"),
+        ("p10_p90", "p10–p90 ms"), ("vs_previous", "× previous row"), ("vs_tutorial", "× tutorial"),
+    ]  # fmt: skip
+    summary = [
+        f"Mean runnable tasks on the machine while timing: {sampler.mean()} (this process's 2 threads included).",
+        "Each row adds one piece to the row above; '× previous row' is what that piece costs per step.",
+    ]
+    command = "python bench/profile_step.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
+    print(write_results(
+        "profile_step", "Where a trainer step's time goes (no Ray, one process, interleaved)", info,
+        {"model": "quickstart dcgan 32px", "batch": cfg.train.batch_size, "torch_threads": THREADS, **vars(args)},
+        [("Per-step time by variant:", columns, rows)], summary, command, raw={"times_s": times},
+    ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
