@@ -42,7 +42,8 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
     run = client.get_run(first.mlflow_run_id)
     assert run.data.params["train.steps"] == "6"
     assert run.data.params["model.arch"] == "dcgan"
-    for key in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec"):
+    for key in ("d_loss", "g_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm", "lr_g", "images_per_sec",
+                "data_wait_fraction", "data_skipped"):
         assert _history_steps(client, run.info.run_id, key) == [2, 4, 6], key
     # FID/KID computed across both workers against cached real statistics, logged at the eval step.
     for key in ("eval/fid", "eval/kid_mean", "eval/is_mean"):

@@ -220,12 +220,14 @@ def train_worker(config: dict[str, Any]) -> None:
     crash_after = _chaos_step(cfg.run.name, rank)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     status, stop_reason = "FAILED", ""
     try:
         while step < cfg.train.steps:
             for k in range(cfg.train.n_critic):
+                wait_start = time.perf_counter()
                 real = to_float(next(data), device)
+                data_wait += time.perf_counter() - wait_start
                 if data_batches == 0 and rank == 0:  # a fresh run shows what it learns from, once
                     tracker.log_image(_grid(real[: cfg.train.sample_grid]), key="real_samples", step=0)
                 data_batches += 1
@@ -257,7 +259,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     step = last_good["step"]
                     noise.manual_seed(cfg.train.seed * 100_003 + rank + 7919 * rollbacks)  # a different path
                     progress_logger().warning("non-finite %s: rolled back to step %d (%d)", bad, step, rollbacks)
-                    sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
+                    sums, counts, window_start, window_steps, data_wait = {}, {}, time.perf_counter(), 0, 0.0
                     continue
 
             if log_now:
@@ -266,6 +268,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 metrics["lr_g"] = m.opt_g.param_groups[0]["lr"]
                 metrics["lr_d"] = m.opt_d.param_groups[0]["lr"]
                 metrics["nan_rollbacks"] = rollbacks
+                metrics["data_wait_fraction"] = data_wait / elapsed  # rank 0's share of time spent waiting
+                metrics["data_skipped"] = skipped_before + data.skipped  # rank 0's running total
+                if device.type == "cuda":
+                    metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tracker.log_metrics(metrics, step=step)
                 if rank == 0:
                     eta = (cfg.train.steps - step) * elapsed / window_steps
@@ -275,7 +281,7 @@ def train_worker(config: dict[str, Any]) -> None:
                         f"D(G(z)) {metrics['d_fake']:.3f} | {metrics['images_per_sec']:.0f} img/s | "
                         f"ETA {_format_eta(eta)}"
                     )
-                sums, counts, window_start, window_steps = {}, {}, time.perf_counter(), 0
+                sums, counts, window_start, window_steps, data_wait = {}, {}, time.perf_counter(), 0, 0.0
 
             if rank == 0 and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
                 tracker.log_image(sample_grid(m.g_ema, fixed_z), key="samples", step=step)
