@@ -69,5 +69,5 @@ def test_quickstart_command_on_the_embedded_default(tmp_path):
     assert "step 4/4" in proc.stderr  # progress lines from rank 0
     assert "done at step 4" in proc.stdout
     # Embedded defaults: checkpoints and the sqlite MLflow store land in the working directory.
-    assert list((tmp_path / "gan_dist_runs").glob("*/checkpoint_*/state.pt"))
+    assert list((tmp_path / "gan_dist_runs").glob("*/step-*/state.pt"))
     assert (tmp_path / "gan_dist_mlflow.db").is_file()
