@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,21 @@ def trainer_run(work: Path, shards: Path, steps: int, window: int) -> dict[str, 
         "load_after": r["load_after"][0],
         "runnable": r["runnable"],
         "process_group": r["ranks"][0]["process_group"],
+        "other_ray_cores": other_ray_cores(r),
+        "niceness": r["ranks"][0]["niceness"],
         "wall_s": r["wall_s"],
         "phases_s": r["phases_s"],
         "history": r["images_per_sec_history"],
     }
+
+
+def other_ray_cores(r: dict[str, Any]) -> float | None:
+    """Cores used during the steps by Ray's processes other than the training process and its loader."""
+    t = r["ranks"][0]
+    span = t["stamps"][-1] - t["stamps"][0]
+    if r["ray_tree_cores"] is None or t["loader_cpu_s"] is None or span <= 0:
+        return None
+    return r["ray_tree_cores"] - (t["cpu"][-1] - t["cpu"][0] + t["loader_cpu_s"]) / span
 
 
 def bare_run(shards: Path, steps: int, window: int) -> dict[str, Any]:
@@ -80,15 +92,17 @@ def bare_run(shards: Path, steps: int, window: int) -> dict[str, Any]:
     before = load()
     cmd = [sys.executable, str(BENCH_DIR / "bare_loop.py"), "--shards", str(shards), "--steps", str(steps),
            "--window", str(window), "--threads", str(THREADS)]  # fmt: skip
+    t0 = time.perf_counter()
     with RunnableSampler() as sampler:
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    ray_idle = cpu_used_since(ray_before, os.getpid())
     return {
         "images_per_sec": r["images_per_sec"],
         **steady_stats(r, window),
         "load_before": before[0],
         "load_after": load()[0],
         "runnable": sampler.mean(*r["clock"]),
-        "ray_idle_cpu_s_per_step": cpu_used_since(ray_before, os.getpid()) / steps,
+        "ray_idle_cores": ray_idle / (time.perf_counter() - t0),
         "history": r["images_per_sec_history"],
     }
 
@@ -120,7 +134,8 @@ def main() -> None:
     pairs = spread([t["images_per_sec"] / b["images_per_sec"] for t, b in zip(trainer, bare)])
     t_cpu = statistics.median(r["cpu_s_per_step"] + (r["loader_cpu_s_per_step"] or 0) for r in trainer)
     b_cpu = statistics.median(r["cpu_s_per_step"] for r in bare)
-    ray_idle = statistics.median(r["ray_idle_cpu_s_per_step"] for r in bare)
+    ray_idle = statistics.median(r["ray_idle_cores"] for r in bare)
+    others = [r["other_ray_cores"] for r in trainer if r["other_ray_cores"] is not None]
     for r in runs:
         r["load"] = f"{r['load_before']:.1f} → {r['load_after']:.1f}"
     columns = [
@@ -142,9 +157,12 @@ def main() -> None:
         f"Goal ratio ≥ {GOAL}: **{met}** (ratio of medians {ratio:.3f}; per-pair ratios "
         f"{pairs['min']:.3f}–{pairs['max']:.3f}).",
         f"CPU per step: trainer {t_cpu:.3f} s (training process + DataLoader worker) vs bare {b_cpu:.3f} s; "
-        f"the idle Ray node used {ray_idle:.3f} CPU s per bare step meanwhile.",
+        f"the idle Ray node used {ray_idle:.2f} cores during the bare runs. During the trainer's steps, Ray's "
+        "other processes (raylet, GCS, Train controller and helper actors) used "
+        + (f"{statistics.median(others):.2f} cores (median)." if others else "(not sampled)."),
         f"Trainer worker's process group: {trainer[0]['process_group']} (Ray Train sets one up even for 1 "
-        "worker, so G and D run DDP-wrapped).",
+        "worker, so G and D run DDP-wrapped). Worker niceness "
+        f"{trainer[0]['niceness']} (Ray's default is 15; see common.WORKER_NICENESS), bare loop 0.",
         "Wall-clock numbers on this shared 2-core machine move with the other jobs' load ('runnable tasks' "
         "counts the machine's runnable threads during the timed steps, ours included: the trainer alone adds "
         "~2-3, the bare loop ~2). Pairs run back to back, so the per-pair ratio is the steadier estimate; "

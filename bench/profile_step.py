@@ -9,17 +9,19 @@ Each variant adds one piece of what a gan_dist worker does to the one before it:
 - C + DDP: the same with G and D wrapped in DDP over a 1-process gloo group, as Ray Train gives 1 worker
 - D + loader: the same with batches from gan_dist's ``build_loader`` (1 DataLoader worker process decoding
   the PNG shards) instead of memory
+- D': C with the same loader run inside the training process (``data.loader_workers=0``), against C
 
 Variants run in blocks of ``--block`` steps, round-robin, for ``--rounds`` rounds (the first is warm-up), so
 bursts of other jobs' load hit all of them alike. torch threads = 2, as the overhead benchmark's worker. The
 remainder between D and the measured trainer is what Ray's worker process and MLflow add.
 
-    python bench/profile_step.py [--rounds 10] [--block 5]
+    python bench/profile_step.py [--rounds 21] [--block 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import time
@@ -32,11 +34,12 @@ import torch.distributed as dist
 
 from bare_loop import MemoryBatches, TutorialStep
 from common import QUICKSTART, RunnableSampler, load_images, machine, prepare_digits, scratch, spread, write_results
+from worker_timing import cpu_used_since, descendants_cpu
 
 THREADS = 2
 
 
-def gan_dist_step(cfg: Any, data: Any) -> Callable[[], None]:
+def gan_dist_step(cfg: Any, data: Any) -> tuple[Callable[[], None], Any]:
     """The body of gan_dist.train.loop.train_worker's step loop (n_critic=1), on modules built by gan_dist."""
     from gan_dist.data.loader import to_float
     from gan_dist.train.loop import build_modules
@@ -57,7 +60,24 @@ def gan_dist_step(cfg: Any, data: Any) -> Callable[[], None]:
             state["sums"][key] = state["sums"].get(key, 0) + value
         state["step"] += 1
 
-    return step
+    return step, m
+
+
+def components(cfg: Any, m: Any) -> dict[str, Callable[[], None]]:
+    """Pieces of gan_dist's step timed alone (on variant B's modules), to explain B against A."""
+    from gan_dist.train.step import _grad_norm, bare, ema_decay_at, update_ema
+
+    z = torch.randn(cfg.train.batch_size, cfg.model.z_dim)
+
+    def g_forward() -> None:
+        with torch.no_grad():
+            bare(m.g)(z)
+
+    return {
+        "component: G forward under no_grad (D step's fakes)": g_forward,
+        "component: EMA update": lambda: update_ema(m.g_ema, bare(m.g), ema_decay_at(100, cfg.train.ema_decay)),
+        "component: grad norms of D and G": lambda: (_grad_norm(m.d), _grad_norm(m.g)),
+    }
 
 
 def free_port() -> int:
@@ -68,8 +88,8 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--block", type=int, default=5, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--block", type=int, default=2, help="steps per variant per round")
     args = parser.parse_args()
     info = machine()
     torch.set_num_threads(THREADS)
@@ -82,50 +102,74 @@ def main() -> None:
         images = load_images(shards)
         tutorial = TutorialStep()
         memory = MemoryBatches(images, cfg.train.batch_size)
+        b_step, m = gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size))
         variants: dict[str, Callable[[], None]] = {
             "A tutorial loop (in-memory data)": lambda: tutorial(next(memory)),
-            "B gan_dist step functions": gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size)),
+            "B gan_dist step functions": b_step,
         }
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         try:
-            variants["C + DDP (gloo, world size 1)"] = gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size))
-            variants["D + gan_dist loader (1 process)"] = gan_dist_step(cfg, build_loader(cfg, 0, 1))
+            variants["C + DDP (gloo, world size 1)"] = gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size))[0]
+            variants["D + gan_dist loader (1 process)"] = gan_dist_step(cfg, build_loader(cfg, 0, 1))[0]
+            # Not cumulative: C with the loader's work done in the training process instead (loader_workers=0).
+            in_process = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader_workers": 0})})
+            variants["D' = C + gan_dist loader in-process (loader_workers=0)"] = gan_dist_step(
+                in_process, build_loader(in_process, 0, 1)
+            )[0]
+            variants.update(components(cfg, m))  # timed in the same rotation, reported apart
             times: dict[str, list[float]] = {name: [] for name in variants}
+            cpu: dict[str, float] = {name: 0.0 for name in variants}  # this process's CPU s, all threads
             with RunnableSampler() as sampler:
                 for rnd in range(args.rounds):
+                    if rnd == 1:  # the loader process works for variant D only (2 batches ahead, then waits)
+                        loader_start = descendants_cpu(os.getpid())
                     for name, step in variants.items():
                         for _ in range(args.block):
-                            t0 = time.perf_counter()
+                            t0, c0 = time.perf_counter(), time.process_time()
                             step()
                             if rnd:  # round 0 warms up every variant (allocator, loader start, first batches)
                                 times[name].append(time.perf_counter() - t0)
+                                cpu[name] += time.process_time() - c0
+                loader_cpu = cpu_used_since(loader_start, os.getpid())
         finally:
             dist.destroy_process_group()
 
     base = statistics.median(times[next(iter(times))])
-    rows, previous = [], None
+    rows, parts, medians = [], [], {}
     for name, values in times.items():
+        if name.startswith("component: "):
+            ms = statistics.median(values) * 1000
+            parts.append({"component": name.removeprefix("component: "), "median_ms": ms, "vs_tutorial": ms / (1000 * base)})
+            continue
         s = spread([1000 * v for v in values])
         rows.append({
             "variant": name, "steps": s["n"], "median_ms": s["median"], "mean_ms": statistics.fmean(s["values"]),
+            "cpu_ms": 1000 * (cpu[name] + (loader_cpu if name.startswith("D ") else 0)) / s["n"],
             "vs_tutorial": s["median"] / (1000 * base),
-            "vs_previous": s["median"] / previous if previous else None,
+            # Each row against the one it adds to: the row above, except D' which replaces D's loader process.
+            "vs_previous": s["median"] / medians[list(medians)[2 if name.startswith("D'") else -1]] if medians else None,
             "p10_p90": f"{sorted(s['values'])[s['n'] // 10]:.1f}–{sorted(s['values'])[9 * s['n'] // 10]:.1f}",
         })  # fmt: skip
-        previous = s["median"]
+        medians[name] = s["median"]
     columns = [
         ("variant", "variant"), ("steps", "steps timed"), ("median_ms", "median step ms"), ("mean_ms", "mean ms"),
         ("p10_p90", "p10–p90 ms"), ("vs_previous", "× previous row"), ("vs_tutorial", "× tutorial"),
+        ("cpu_ms", "CPU ms/step (D: + loader process)"),
     ]  # fmt: skip
     summary = [
         f"Mean runnable tasks on the machine while timing: {sampler.mean()} (this process's 2 threads included).",
-        "Each row adds one piece to the row above; '× previous row' is what that piece costs per step.",
+        "Each row adds one piece to the row above ('× previous row' is what that piece costs per step); D' is "
+        "C plus the loader's work done inside the training process, compared with C.",
     ]
     command = "python bench/profile_step.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
     print(write_results(
         "profile_step", "Where a trainer step's time goes (no Ray, one process, interleaved)", info,
         {"model": "quickstart dcgan 32px", "batch": cfg.train.batch_size, "torch_threads": THREADS, **vars(args)},
-        [("Per-step time by variant:", columns, rows)], summary, command, raw={"times_s": times},
+        [("Per-step time by variant:", columns, rows),
+         ("Components of B, timed alone in the same rotation:",
+          [("component", "component"), ("median_ms", "median ms per step"), ("vs_tutorial", "share of a tutorial step")],
+          parts)],
+        summary, command, raw={"times_s": times},
     ))  # fmt: skip
 
 

@@ -119,6 +119,6 @@ def timed_train_worker(config: dict[str, Any]) -> None:
         clock = {"entry": entered, "first_step": stamps[0] + offset if stamps else None,
                  "last_step": stamps[-1] + offset if stamps else None, "exit": time.time()}  # fmt: skip
         result = {"stamps": stamps, "cpu": cpu, "loader_cpu_s": loader.get("cpu_s"), "spans": spans,
-                  "torch_threads": threads, "omp_num_threads": omp, "clock": clock,
+                  "torch_threads": threads, "omp_num_threads": omp, "clock": clock, "niceness": os.nice(0),
                   "process_group": group}  # fmt: skip
         out.write_text(json.dumps(result))

@@ -36,10 +36,11 @@ export PATH="$(dirname "$RAY"):$PATH"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# Ray picks free ports for a node itself, except the dashboard agent's (fixed default 52365), which
-# several nodes on one host would share.
+# Ports a node opens; several nodes on one host must not collide (some of Ray's defaults are fixed).
 node_ports() {
-  echo --dashboard-agent-listen-port "$(free_port)"
+  echo --node-manager-port "$(free_port)" --object-manager-port "$(free_port)" \
+    --dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)" \
+    --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)"
 }
 
 # Start one node in its own session (so its whole process group can be stopped by pid) and record it.
