@@ -1,10 +1,14 @@
-"""Loader throughput per process: images/s at 32, 64 and 256 px, PNG vs JPEG, local disk vs S3.
+"""Loader throughput per process: images/s at 32, 64 and 256 px, PNG vs JPEG, local disk vs S3, against
+what the trainer consumes at each resolution.
 
 Not a test. Run from the repository root:  python bench/bench_loader.py
 It synthesises photo-like RGB images (so PNG/JPEG sizes are realistic, unlike noise), prepares them with
 ``gan_dist.data.prepare`` locally and into a SeaweedFS S3 endpoint that this script starts on loopback and
 stops by pid, then times ``build_loader`` with ``loader_workers=0``: reading, tar parsing, decoding and
-batching all in the measuring process. Writes bench/results/loader.json and bench/results/loader.md.
+batching all in the measuring process. The trainer's consumption is gan_dist's D + G step (no Ray) on this
+machine's CPU, 2 torch threads, with the model a job of that resolution uses (DCGAN width 64 at 32 and
+64 px, the FFHQ job's ResNet at 256 px) on RGB batches held in memory.
+Writes bench/results/loader.json and bench/results/loader.md.
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ from gan_dist.data import build_loader, prepare  # noqa: E402
 from gan_dist.storage import upload_file  # noqa: E402
 from tests.fixtures_s3 import S3Server  # noqa: E402
 
+from profile_step import gan_dist_step  # noqa: E402  (bench/ is on sys.path: this script lives there)
+
 RESOLUTIONS = (32, 64, 256)
 SOURCES = 512  # synthesised images; at 32 and 64 px with their mirror images too (1024 samples)
 BATCH = 64
 MIN_SECONDS = 4.0
 SOURCE_SIZE = 288  # synthesised source images are cropped/resized down by prepare, as real photos would be
+CONSUMERS = {32: "mnist.yaml", 64: "mnist.yaml", 256: "ffhq_256.yaml"}  # resolution: the job whose model trains
+CONSUMER_BATCH = {32: 16, 64: 16, 256: 4}  # per step; a ResNet-256 step takes ~40 s per 4 images on 2 cores
+CONSUMER_SECONDS = 20.0  # time steps until this much has passed (one step at the least)
 
 
 def synthesise(folder: Path, count: int, seed: int = 0) -> None:
@@ -76,6 +85,31 @@ def time_loader(url: str, resolution: int, count: int, storage: StorageConfig) -
     return {"images_per_s": images / wall, "images_per_cpu_s": images / busy, "cpu_fraction": busy / wall, "batches": n}
 
 
+def trainer_images_per_s(resolution: int) -> dict:
+    """Images/s one CPU trainer process consumes: median D + G step over ~CONSUMER_SECONDS after a warm-up."""
+    import torch
+
+    from gan_dist.config import load_config
+
+    torch.set_num_threads(2)
+    batch = CONSUMER_BATCH[resolution]
+    cfg = load_config(REPO / "jobs" / CONSUMERS[resolution], [
+        "data.url=/unused", f"data.resolution={resolution}", "data.channels=3", f"train.batch_size={batch}",
+        "scaling.num_workers=1", "scaling.use_gpu=false", "train.precision=fp32",
+    ])  # fmt: skip
+    real = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    step, _ = gan_dist_step(cfg, iter(lambda: real, None))
+    step()  # warm-up
+    times: list[float] = []
+    while not times or sum(times) < CONSUMER_SECONDS:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    model = f"{cfg.model.arch} g/d width {cfg.model.g_width}/{cfg.model.d_width}"
+    return {"resolution": resolution, "model": model, "batch": batch,
+            "images_per_s": batch / sorted(times)[len(times) // 2]}  # fmt: skip
+
+
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
@@ -93,7 +127,7 @@ def machine() -> dict:
     }
 
 
-def markdown(results: list[dict], info: dict) -> str:
+def markdown(results: list[dict], consumers: list[dict], info: dict) -> str:
     lines = [
         "# Loader throughput (images/s per process)",
         "",
@@ -115,6 +149,20 @@ def markdown(results: list[dict], info: dict) -> str:
             f"| {r['resolution']} | {r['format']} | {r['storage']} | {r['images_per_s']:.0f} | "
             f"{r['images_per_cpu_s']:.0f} | {mbps:.1f} | "
             f"{r['cpu_fraction']:.0%} | {r['bytes_per_image']:.0f} |"
+        )
+    lines += [
+        "",
+        "Against the trainer's consumption (D + G step on this CPU, 2 torch threads; goal: one loader process",
+        "≥ 3× what one training process consumes):",
+        "",
+        "| resolution | model | trainer images/s | slowest loader row images/s | ratio | fastest loader row | ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in consumers:
+        rates = [r["images_per_s"] for r in results if r["resolution"] == c["resolution"]]
+        lines.append(
+            f"| {c['resolution']} | {c['model']} | {c['images_per_s']:.1f} | {min(rates):.0f} | "
+            f"{min(rates) / c['images_per_s']:.0f}× | {max(rates):.0f} | {max(rates) / c['images_per_s']:.0f}× |"
         )
     return "\n".join(lines) + "\n"
 
@@ -152,9 +200,13 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    consumers = []
+    for resolution in RESOLUTIONS:
+        consumers.append(trainer_images_per_s(resolution))
+        print(f"{resolution:>4}px trainer consumes {consumers[-1]['images_per_s']:.1f} img/s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loader.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
-    (args.out / "loader.md").write_text(markdown(results, info))
+    (args.out / "loader.json").write_text(json.dumps({"machine": info, "results": results, "trainer": consumers}, indent=2) + "\n")
+    (args.out / "loader.md").write_text(markdown(results, consumers, info))
     print(f"wrote {args.out / 'loader.json'} and {args.out / 'loader.md'}")
 
 

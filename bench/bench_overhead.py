@@ -14,7 +14,6 @@ DataLoader worker process): CPU time is far less disturbed by other jobs on the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,22 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    RunnableSampler,
     BENCH_DIR,
-    bench_config,
+    LOAD_COLUMNS,
+    SUMMARY_COLUMNS,
+    RunnableSampler,
+    bench_arguments,
+    command_line,
     cpu_used_since,
     descendants_cpu,
     load,
+    load_span,
     machine,
-    prepare_digits,
-    print_progress,
-    ray_session,
+    rotated_runs,
+    run_context,
     run_trainer,
-    scratch,
     spread,
     steady_images_per_sec,
     steady_stats,
-    wait_for_quiet,
+    summary_row,
+    timed_config,
     write_results,
 )
 
@@ -50,31 +52,14 @@ GOAL = 0.97
 
 
 def trainer_run(work: Path, shards: Path, steps: int, window: int) -> dict[str, Any]:
-    cfg = bench_config(
-        work,
-        shards,
-        [
-            "scaling.num_workers=1",
-            f"scaling.cpus_per_worker={THREADS}",
-            f"train.steps={steps}",
-            f"train.log_every={window}",
-            f"train.sample_every={steps}",  # no sample grid or checkpoint inside the timed windows:
-            f"checkpoint.every={steps}",  # those are the stall benchmark's subject
-        ],
-    )
-    r = run_trainer(cfg)
+    r = run_trainer(timed_config(work, shards, 1, THREADS, steps, [f"train.log_every={window}"]))
     return {
         "images_per_sec": steady_images_per_sec(r["images_per_sec_history"], BATCH),
         **steady_stats(r["ranks"][0], window),
-        "load_before": r["load_before"][0],
-        "load_after": r["load_after"][0],
-        "runnable": r["runnable"],
+        **run_context(r),
         "process_group": r["ranks"][0]["process_group"],
         "other_ray_cores": other_ray_cores(r),
         "niceness": r["ranks"][0]["niceness"],
-        "wall_s": r["wall_s"],
-        "phases_s": r["phases_s"],
-        "history": r["images_per_sec_history"],
     }
 
 
@@ -99,8 +84,7 @@ def bare_run(shards: Path, steps: int, window: int) -> dict[str, Any]:
     return {
         "images_per_sec": r["images_per_sec"],
         **steady_stats(r, window),
-        "load_before": before[0],
-        "load_after": load()[0],
+        **load_span(before, load()),
         "runnable": sampler.mean(*r["clock"]),
         "ray_idle_cores": ray_idle / (time.perf_counter() - t0),
         "history": r["images_per_sec_history"],
@@ -108,24 +92,16 @@ def bare_run(shards: Path, steps: int, window: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--window", type=int, default=10, help="train.log_every; also the bare loop's window")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__, 3, "window", "train.log_every; also the bare loop's window")
     info = machine()
-    runs: list[dict[str, Any]] = []
-    with scratch() as tmp, ray_session(num_cpus=THREADS):
-        shards = prepare_digits(Path(tmp))
-        for rep in range(args.reps):
-            waited = wait_for_quiet()
-            for kind in ("trainer", "bare") if rep % 2 == 0 else ("bare", "trainer"):
-                print_progress(f"rep {rep + 1}/{args.reps}: {kind}")
-                r = trainer_run(Path(tmp), shards, args.steps, args.window) if kind == "trainer" else bare_run(
-                    shards, args.steps, args.window
-                )
-                runs.append({"kind": kind, "rep": rep + 1, "waited_for_quiet_s": round(waited), **r})
-                print_progress(f"  {r['images_per_sec']:.1f} img/s, {r['cpu_s_per_step']:.3f} CPU s/step")
+
+    def run_one(kind: str, work: Path, shards: Path) -> dict[str, Any]:
+        if kind == "trainer":
+            return trainer_run(work, shards, args.steps, args.window)
+        return bare_run(shards, args.steps, args.window)
+
+    runs = rotated_runs("kind", ["trainer", "bare"], args.reps, run_one,
+                        lambda r: f"{r['images_per_sec']:.1f} img/s, {r['cpu_s_per_step']:.3f} CPU s/step")  # fmt: skip
 
     trainer = [r for r in runs if r["kind"] == "trainer"]
     bare = [r for r in runs if r["kind"] == "bare"]
@@ -136,22 +112,19 @@ def main() -> None:
     b_cpu = statistics.median(r["cpu_s_per_step"] for r in bare)
     ray_idle = statistics.median(r["ray_idle_cores"] for r in bare)
     others = [r["other_ray_cores"] for r in trainer if r["other_ray_cores"] is not None]
-    for r in runs:
-        r["load"] = f"{r['load_before']:.1f} → {r['load_after']:.1f}"
     columns = [
         ("kind", "loop"), ("rep", "rep"), ("images_per_sec", "img/s (steady)"), ("step_ms_median", "median step ms"),
         ("cpu_s_per_step", "CPU s/step (training process)"), ("loader_cpu_s_per_step", "CPU s/step (loader process)"),
-        ("torch_threads", "torch threads"), ("runnable", "runnable tasks (mean, machine)"),
-        ("load", "load 1-min before → after"),
+        ("torch_threads", "torch threads"), *LOAD_COLUMNS,
     ]  # fmt: skip
     summary_rows = [
-        {"what": "trainer img/s", "median": t_ips["median"], "range": f"{t_ips['min']:.1f}–{t_ips['max']:.1f}"},
-        {"what": "bare img/s", "median": b_ips["median"], "range": f"{b_ips['min']:.1f}–{b_ips['max']:.1f}"},
-        {"what": "ratio trainer / bare (of medians)", "median": ratio, "range": ""},
-        {"what": "ratio per alternating pair", "median": pairs["median"], "range": f"{pairs['min']:.3f}–{pairs['max']:.3f}"},
-        {"what": "ratio of best runs (least disturbed)", "median": t_ips["max"] / b_ips["max"], "range": ""},
-        {"what": "CPU s/step trainer (process + loader) / bare", "median": t_cpu / b_cpu, "range": ""},
-    ]  # fmt: skip
+        summary_row("trainer img/s", t_ips),
+        summary_row("bare img/s", b_ips),
+        summary_row("ratio trainer / bare (of medians)", ratio),
+        summary_row("ratio per alternating pair", pairs, digits=3),
+        summary_row("ratio of best runs (least disturbed)", t_ips["max"] / b_ips["max"]),
+        summary_row("CPU s/step trainer (process + loader) / bare", t_cpu / b_cpu),
+    ]
     met = "met" if ratio >= GOAL else "NOT met"
     summary = [
         f"Goal ratio ≥ {GOAL}: **{met}** (ratio of medians {ratio:.3f}; per-pair ratios "
@@ -168,15 +141,12 @@ def main() -> None:
         "~2-3, the bare loop ~2). Pairs run back to back, so the per-pair ratio is the steadier estimate; "
         "CPU seconds also grow under contention (OpenMP threads spin while waiting for a descheduled peer).",
     ]
-    command = "flock /tmp/gan_dist_ray.lock python bench/bench_overhead.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items()
-    )
+    command = command_line("bench_overhead.py", args)
     settings = {"model": "dcgan 32px g/d width 32 z 64", "loss": "nonsaturating", "global_batch": BATCH,
                 "workers": 1, "cpus_per_worker": THREADS, **vars(args)}  # fmt: skip
     print(write_results(
         "overhead", "Overhead: trainer (1 Ray worker) vs bare PyTorch loop", info, settings,
-        [("Runs (alternating):", columns, runs),
-         ("Summary:", [("what", ""), ("median", "median"), ("range", "min–max")], summary_rows)],
+        [("Runs (alternating):", columns, runs), ("Summary:", SUMMARY_COLUMNS, summary_rows)],
         summary, command, raw={"runs": runs},
     ))  # fmt: skip
 

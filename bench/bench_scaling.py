@@ -13,23 +13,24 @@ training process, and Ray's own processes and other jobs share the cores too.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 from typing import Any
 
 from common import (
-    bench_config,
+    LOAD_COLUMNS,
+    SUMMARY_COLUMNS,
+    bench_arguments,
+    command_line,
     machine,
-    prepare_digits,
-    print_progress,
-    ray_session,
+    rotated_runs,
+    run_context,
     run_trainer,
-    scratch,
     spread,
     steady_images_per_sec,
     steady_stats,
-    wait_for_quiet,
+    summary_row,
+    timed_config,
     write_results,
 )
 
@@ -43,19 +44,7 @@ CONFIGS = {  # name: (num_workers, cpus_per_worker)
 
 
 def run(work: Path, shards: Path, workers: int, cpus: int, steps: int, window: int) -> dict[str, Any]:
-    cfg = bench_config(
-        work,
-        shards,
-        [
-            f"scaling.num_workers={workers}",
-            f"scaling.cpus_per_worker={cpus}",
-            f"train.steps={steps}",
-            f"train.log_every={window}",
-            f"train.sample_every={steps}",  # sample grids and checkpoints only after the timed windows
-            f"checkpoint.every={steps}",
-        ],
-    )
-    r = run_trainer(cfg)
+    r = run_trainer(timed_config(work, shards, workers, cpus, steps, [f"train.log_every={window}"]))
     per_rank = [steady_stats(t, window) for t in r["ranks"]]
     return {
         "images_per_sec": steady_images_per_sec(r["images_per_sec_history"], BATCH),
@@ -64,33 +53,19 @@ def run(work: Path, shards: Path, workers: int, cpus: int, steps: int, window: i
         "cpu_s_per_step": sum(p["cpu_s_per_step"] for p in per_rank),
         "loader_cpu_s_per_step": sum(p["loader_cpu_s_per_step"] or 0 for p in per_rank),
         "torch_threads": [p["torch_threads"] for p in per_rank],
-        "load_before": r["load_before"][0],
-        "load_after": r["load_after"][0],
-        "runnable": r["runnable"],
-        "wall_s": r["wall_s"],
-        "phases_s": r["phases_s"],
-        "history": r["images_per_sec_history"],
+        **run_context(r),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--window", type=int, default=10, help="train.log_every")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__, 2, "window", "train.log_every")
     info = machine()
-    runs: list[dict[str, Any]] = []
     names = list(CONFIGS)
-    with scratch() as tmp, ray_session(num_cpus=2):
-        shards = prepare_digits(Path(tmp))
-        for rep in range(args.reps):
-            waited = wait_for_quiet()
-            for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order per rep
-                print_progress(f"rep {rep + 1}/{args.reps}: {name}")
-                r = run(Path(tmp), shards, *CONFIGS[name], args.steps, args.window)
-                runs.append({"config": name, "rep": rep + 1, "waited_for_quiet_s": round(waited), **r})
-                print_progress(f"  {r['images_per_sec']:.1f} img/s")
+    runs = rotated_runs(
+        "config", names, args.reps,
+        lambda name, work, shards: run(work, shards, *CONFIGS[name], args.steps, args.window),
+        lambda r: f"{r['images_per_sec']:.1f} img/s",
+    )  # fmt: skip
 
     by_config = {name: spread([r["images_per_sec"] for r in runs if r["config"] == name]) for name in names}
     t1, t2, ref = (by_config[n]["median"] for n in names)
@@ -105,22 +80,17 @@ def main() -> None:
         / (2 * next(r["images_per_sec"] for r in runs if r["rep"] == rep and r["config"] == names[0]))
         for rep in range(1, args.reps + 1)
     ])  # fmt: skip
-    for r in runs:
-        r["load"] = f"{r['load_before']:.1f} → {r['load_after']:.1f}"
     columns = [
         ("config", "configuration"), ("rep", "rep"), ("images_per_sec", "img/s (steady, global)"),
         ("step_ms_median", "median step ms (rank 0)"), ("cpu_s_per_step", "CPU s/step (all ranks)"),
         ("loader_cpu_s_per_step", "of which loaders"), ("torch_threads", "torch threads/rank"),
-        ("runnable", "runnable tasks (mean, machine)"), ("load", "load 1-min before → after"),
+        *LOAD_COLUMNS,
     ]  # fmt: skip
-    summary_rows = [
-        {"what": f"{n} img/s", "median": s["median"], "range": f"{s['min']:.1f}–{s['max']:.1f}"}
-        for n, s in by_config.items()
-    ] + [
-        {"what": "efficiency T(2) / (2 T(1)) (of medians)", "median": efficiency, "range": ""},
-        {"what": "CPU s per global step, 2 workers / 1 worker", "median": cpu2 / cpu1, "range": ""},
-        {"what": "efficiency per repetition", "median": per_rep["median"], "range": f"{per_rep['min']:.3f}–{per_rep['max']:.3f}"},
-    ]  # fmt: skip
+    summary_rows = [summary_row(f"{n} img/s", s) for n, s in by_config.items()] + [
+        summary_row("efficiency T(2) / (2 T(1)) (of medians)", efficiency),
+        summary_row("CPU s per global step, 2 workers / 1 worker", cpu2 / cpu1),
+        summary_row("efficiency per repetition", per_rep, digits=3),
+    ]
     met = "met" if efficiency >= GOAL else "NOT met"
     summary = [
         f"Goal efficiency ≥ {GOAL} (where cores allow): **{met}** on this machine ({efficiency:.3f}).",
@@ -131,14 +101,11 @@ def main() -> None:
         "processes + other engineers' jobs (see the load column), so this is not a test of gan_dist's scaling "
         "on hardware with a core per worker.",
     ]
-    command = "flock /tmp/gan_dist_ray.lock python bench/bench_scaling.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items()
-    )
+    command = command_line("bench_scaling.py", args)
     settings = {"model": "dcgan 32px g/d width 32 z 64", "global_batch": BATCH, "loader_workers": 1, **vars(args)}
     print(write_results(
         "scaling", "Scaling on CPU: 1 vs 2 Ray workers", info, settings,
-        [("Runs:", columns, runs),
-         ("Summary:", [("what", ""), ("median", "median"), ("range", "min–max")], summary_rows)],
+        [("Runs:", columns, runs), ("Summary:", SUMMARY_COLUMNS, summary_rows)],
         summary, command, raw={"runs": runs},
     ))  # fmt: skip
 

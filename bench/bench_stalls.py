@@ -17,22 +17,21 @@ Modes rotate within each repetition.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 from typing import Any
 
 from common import (
-    bench_config,
+    LOAD_COLUMNS,
+    bench_arguments,
+    command_line,
     machine,
-    prepare_digits,
-    print_progress,
-    ray_session,
+    rotated_runs,
+    run_context,
     run_trainer,
-    scratch,
     spread,
     step_intervals,
-    wait_for_quiet,
+    timed_config,
     write_results,
 )
 
@@ -51,8 +50,7 @@ def modes(steps: int, every: int) -> dict[str, list[str]]:
 
 
 def run(work: Path, shards: Path, overrides: list[str], steps: int, every: int) -> dict[str, Any]:
-    common = ["scaling.num_workers=1", "scaling.cpus_per_worker=2", f"train.steps={steps}", f"train.sample_every={steps}"]
-    r = run_trainer(bench_config(work, shards, [*common, *overrides]))
+    r = run_trainer(timed_config(work, shards, 1, 2, steps, overrides))
     timing = r["ranks"][0]
     intervals = step_intervals(timing["stamps"], WARMUP)  # intervals[i] ends at step WARMUP + 2 + i (1-based)
     # The interval ending at step k also holds the end of step k-1: its logging/checkpoint, if any.
@@ -67,34 +65,21 @@ def run(work: Path, shards: Path, overrides: list[str], steps: int, every: int) 
         "cpu_s_per_step": (timing["cpu"][-1] - timing["cpu"][WARMUP]) / (len(timing["stamps"]) - 1 - WARMUP),
         # Mean seconds of each timed function per call, over the calls inside the measured steps.
         "span_ms": {name: 1000 * statistics.fmean(v) for name, v in spans.items() if v},
-        "load_before": r["load_before"][0],
-        "load_after": r["load_after"][0],
-        "runnable": r["runnable"],
-        "wall_s": r["wall_s"],
-        "phases_s": r["phases_s"],
+        **run_context(r),
         "intervals_s": intervals,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--every", type=int, default=10, help="log and checkpoint interval when on")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__, 2, "every", "log and checkpoint interval when on")
     info = machine()
     configs = modes(args.steps, args.every)
     names = list(configs)
-    runs: list[dict[str, Any]] = []
-    with scratch() as tmp, ray_session(num_cpus=2):
-        shards = prepare_digits(Path(tmp))
-        for rep in range(args.reps):
-            waited = wait_for_quiet()
-            for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order per rep
-                print_progress(f"rep {rep + 1}/{args.reps}: {name}")
-                r = run(Path(tmp), shards, configs[name], args.steps, args.every)
-                runs.append({"mode": name, "rep": rep + 1, "waited_for_quiet_s": round(waited), **r})
-                print_progress(f"  mean step {r['step_ms_mean']:.1f} ms; spans {r['span_ms']}")
+    runs = rotated_runs(
+        "mode", names, args.reps,
+        lambda name, work, shards: run(work, shards, configs[name], args.steps, args.every),
+        lambda r: f"mean step {r['step_ms_mean']:.1f} ms; spans {r['span_ms']}",
+    )  # fmt: skip
 
     off = statistics.median(r["step_ms_mean"] for r in runs if r["mode"] == "off")
     summary_rows, ratios = [], {}
@@ -117,13 +102,12 @@ def main() -> None:
             "spans": ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in sorted(spans.items())),
         })  # fmt: skip
     for r in runs:
-        r["load"] = f"{r['load_before']:.1f} → {r['load_after']:.1f}"
         r["ratio"] = r["step_ms_mean"] / off
     run_columns = [
         ("mode", "mode"), ("rep", "rep"), ("step_ms_mean", "mean step ms"), ("step_ms_median", "median step ms"),
-        ("after_event_ms", f"median ms, step after a log/ckpt step"), ("plain_ms", "median ms, other steps"),
+        ("after_event_ms", "median ms, step after a log/ckpt step"), ("plain_ms", "median ms, other steps"),
         ("cpu_s_per_step", "CPU s/step"), ("ratio", "mean / median(off)"),
-        ("runnable", "runnable tasks (mean, machine)"), ("load", "load 1-min before → after"),
+        *LOAD_COLUMNS,
     ]  # fmt: skip
     summary_columns = [
         ("mode", "mode"), ("mean_step_ms", "mean step ms (median of reps)"), ("range", "min–max"),
@@ -143,9 +127,7 @@ def main() -> None:
         "The step-to-step noise from other jobs on these 2 cores is of the same order as the effect measured; "
         "read the per-run table before trusting a difference of a few percent.",
     ]
-    command = "flock /tmp/gan_dist_ray.lock python bench/bench_stalls.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items()
-    )
+    command = command_line("bench_stalls.py", args)
     settings = {"model": "dcgan 32px g/d width 32 z 64", "global_batch": 64, "workers": 1, "cpus_per_worker": 2,
                 "tracking": "sqlite", "checkpoint_storage": "local dir", "warmup_steps": WARMUP, **vars(args)}  # fmt: skip
     print(write_results(

@@ -8,6 +8,7 @@ Start anything that starts Ray under the shared lock (other engineers' test suit
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,70 @@ def bench_config(work: Path, shards: Path, overrides: Sequence[str]) -> Any:
     return load_config(QUICKSTART, [*base, *overrides])
 
 
+def timed_config(work: Path, shards: Path, workers: int, cpus: int, steps: int, overrides: Sequence[str]) -> Any:
+    """``bench_config`` for a timed run: sample grids and checkpoints only after the last step (each is the
+    stall benchmark's subject, not the others'), unless ``overrides`` (applied last) say otherwise."""
+    base = [f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus}", f"train.steps={steps}",
+            f"train.sample_every={steps}", f"checkpoint.every={steps}"]  # fmt: skip
+    return bench_config(work, shards, [*base, *overrides])
+
+
+def run_context(r: dict[str, Any]) -> dict[str, Any]:
+    """The columns every trainer run reports besides its timing: machine load around it and where its wall
+    time went."""
+    return {
+        **load_span(r["load_before"], r["load_after"]),
+        "runnable": r["runnable"],
+        "wall_s": r["wall_s"],
+        "phases_s": r["phases_s"],
+        "history": r["images_per_sec_history"],
+    }
+
+
+def load_span(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
+    return {"load_before": before[0], "load_after": after[0], "load": f"{before[0]:.1f} → {after[0]:.1f}"}
+
+
+# Columns of run tables that describe the machine while a run was timed.
+LOAD_COLUMNS = [("runnable", "runnable tasks (mean, machine)"), ("load", "load 1-min before → after")]
+
+
+def rotated_runs(
+    key: str, names: Sequence[str], reps: int, run_one: Callable[[str, Path, Path], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+) -> list[dict[str, Any]]:
+    """Each configuration in ``names`` once per repetition, on digits shards in a local 2-CPU Ray instance.
+    The order rotates per repetition so slow drifts in the machine's load hit every configuration alike.
+    ``run_one(name, work_dir, shards)`` returns one run's row; ``key`` names the configuration column."""
+    runs: list[dict[str, Any]] = []
+    with scratch() as tmp, ray_session(num_cpus=2):
+        shards = prepare_digits(Path(tmp))
+        for rep in range(reps):
+            waited = wait_for_quiet()
+            for name in [*names[rep % len(names) :], *names[: rep % len(names)]]:
+                print_progress(f"rep {rep + 1}/{reps}: {name}")
+                r = run_one(name, Path(tmp), shards)
+                runs.append({key: name, "rep": rep + 1, "waited_for_quiet_s": round(waited), **r})
+                print_progress("  " + describe(r))
+    return runs
+
+
+def bench_arguments(doc: str, reps: int, interval: str, interval_help: str) -> argparse.Namespace:
+    """--reps, --steps and the logging interval (``--window`` or ``--every``), each defaulting to what the
+    committed results used."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(f"--{interval}", type=int, default=10, help=interval_help)
+    return parser.parse_args()
+
+
+def command_line(script: str, args: argparse.Namespace) -> str:
+    """The command that regenerates a result, as printed under its table."""
+    flags = " ".join(f"--{k} {v}" for k, v in vars(args).items())
+    return f"flock /tmp/gan_dist_ray.lock python bench/{script} {flags}"
+
+
 def run_trainer(cfg: Any) -> dict[str, Any]:
     """One gan_dist training run through run_training (Ray must be up); its timing from MLflow and stamps."""
     import mlflow
@@ -329,6 +394,16 @@ def markdown_table(columns: Sequence[tuple[str, str]], rows: Sequence[dict[str, 
 
 
 Table = tuple[str, Sequence[tuple[str, str]], Sequence[dict[str, Any]]]  # caption, columns, rows
+
+# A summary table: one quantity a row, its median over repetitions and their range.
+SUMMARY_COLUMNS = [("what", ""), ("median", "median"), ("range", "min–max")]
+
+
+def summary_row(what: str, values: dict[str, Any] | float, digits: int = 1) -> dict[str, Any]:
+    """A SUMMARY_COLUMNS row from a ``spread`` (median and range) or a single value (no range)."""
+    if isinstance(values, dict):
+        return {"what": what, "median": values["median"], "range": f"{values['min']:.{digits}f}–{values['max']:.{digits}f}"}
+    return {"what": what, "median": values, "range": ""}
 
 
 def write_results(

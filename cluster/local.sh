@@ -51,24 +51,24 @@ launch() {
   echo "$name $!" >>"$state/pids"
 }
 
-# Live node count; bounded, since connecting before the GCS is up blocks for a long time.
-live_nodes() {
-  timeout 20 "$PY" - "$(cat "$state/address")" <<'EOF'
+# Wait until the head answers and every named worker node (by its "node-K" resource) is alive. Named
+# rather than counted: a node killed a moment ago still counts as alive until the GCS notices, which can
+# take half a minute. Each probe is bounded, since connecting before the GCS is up blocks for a long time.
+nodes_alive() {
+  timeout 20 "$PY" - "$(cat "$state/address")" "$@" <<'EOF'
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-print(sum(1 for n in ray.nodes() if n["Alive"]))
+alive = {r for n in ray.nodes() if n["Alive"] for r in n["Resources"]}
+sys.exit(0 if all(f"node-{k}" in alive for k in sys.argv[2:]) else 1)
 EOF
 }
 
 wait_for_nodes() {
-  local want=$1
-  for _ in $(seq 1 60); do
-    alive=$(live_nodes 2>/dev/null || true)
-    [ "$alive" = "$want" ] && return 0
+  local deadline=$((SECONDS + ${GAN_DIST_CLUSTER_TIMEOUT:-180}))
+  until nodes_alive "$@" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "cluster: head or worker node(s) $* not up; logs in $state" >&2; return 1; }
     sleep 2
   done
-  echo "cluster did not reach $want live nodes; logs in $state" >&2
-  return 1
 }
 
 start_worker() {
@@ -88,15 +88,15 @@ case $cmd in
     # shellcheck disable=SC2046
     launch head --head --port="$port" --num-cpus="$head_cpus" --include-dashboard=true \
       --dashboard-host=127.0.0.1 --dashboard-port="$dash" $(node_ports)
+    wait_for_nodes  # workers started before the GCS answers can time out registering
     for k in $(seq 1 "$workers"); do start_worker "$k"; done
-    wait_for_nodes $((workers + 1))
+    wait_for_nodes $(seq 1 "$workers")
     echo "Ray cluster up: head $(cat "$state/address"), dashboard $(cat "$state/dashboard"), $workers workers"
     ;;
   add-worker)
     k=$(( $(grep -c '^worker-' "$state/pids" || true) + 1 ))
-    alive_before=$(live_nodes)
     start_worker "$k"
-    wait_for_nodes $((alive_before + 1))
+    wait_for_nodes "$k"
     echo "worker-$k added"
     ;;
   remove-worker)

@@ -9,13 +9,9 @@ artifacts are dropped and counted (tag ``gan_dist.tracking_dropped``); one warni
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import platform
 import queue
-import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -25,32 +21,22 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
-import numpy as np
-import torch
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.time import get_current_time_millis
 from PIL import Image
 
 from gan_dist.config import GanConfig
 from gan_dist.data.manifest import Manifest, read_manifest
-from gan_dist.train.checkpoint import load_generator
+from gan_dist.redact import redact, redact_uri
+from gan_dist.tracking_info import RUN_NAME_TAG, cluster_params, run_params, run_tags
+# _load_pyfunc is MLflow's loader hook: logged generator models name this module (tracking_model.LOADER_MODULE).
+from gan_dist.tracking_model import _load_pyfunc, log_generator_model  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-RUN_NAME_TAG = "gan_dist.run_name"
-CHECKPOINT_TAG = "gan_dist.checkpoint_uri"
-DATASET_TAG = "gan_dist.dataset_uri"
-DATASET_SAMPLES_TAG = "gan_dist.dataset_samples"
 DROPPED_TAG = "gan_dist.tracking_dropped"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI lays a "model training" experiment out for runs, not GenAI
-GIT_COMMIT_ENV = "GAN_DIST_GIT_COMMIT"
-GENERATOR_MODEL_NAME = "generator"
-VERSIONED_PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset", "gan_dist")
-REDACTED = "***"
 
 # MLflow's HTTP defaults (7 retries, backoff up to 2 min, 120 s timeout) let one call hang for minutes in an
 # outage. Set only where the user has not: their environment wins.
@@ -66,70 +52,8 @@ MAX_PENDING_METRICS = 50_000  # metric points kept for catch-up (~10 MB); the ol
 MAX_QUEUED_IMAGES = 4  # sample grids can be megabytes each: never let a slow server pile them up
 _THREAD_NAME = "gan_dist-mlflow"
 
-_SECRET_NAME = r"secret|passw|token|credential|access_?key|api_?key|private_?key|signature"
-_SECRET_KEY = re.compile(_SECRET_NAME, re.IGNORECASE)
-_URI_USERINFO = re.compile(r"(?<=://)[^/\s]+@")  # greedy up to the host: a password may contain '@'
-_QUERY_SECRET = re.compile(rf"([?&;][^=&#\s]*(?:{_SECRET_NAME})[^=&#\s]*=)[^&#\s]*", re.IGNORECASE)
-
 # urllib3 warns on every retry; the tracker warns once for a whole outage instead.
 logging.getLogger("urllib3.connectionpool").addFilter(lambda record: record.threadName != _THREAD_NAME)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def redact_uri(text: str) -> str:
-    """Hide ``user:password@`` and secret-looking query parameters (``?token=...``) of URIs in ``text``."""
-    return _QUERY_SECRET.sub(rf"\g<1>{REDACTED}", _URI_USERINFO.sub(REDACTED + "@", text))
-
-
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Hide values of secret-looking keys and credentials inside URIs, in flat or nested dicts."""
-    return {key: _redact_value(str(key), value) for key, value in params.items()}
-
-
-def _redact_value(key: str, value: Any) -> Any:
-    if value not in (None, "") and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
-        return REDACTED
-    if isinstance(value, dict):
-        return redact(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_redact_value("", v) for v in value)
-    return redact_uri(value) if isinstance(value, str) else value
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def git_commit() -> str | None:
-    """$GAN_DIST_GIT_COMMIT, else HEAD of the checkout gan_dist runs from; None for an installed copy."""
-    if commit := os.environ.get(GIT_COMMIT_ENV, "").strip():
-        return commit
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():  # a wheel or Ray's shipped py_module: a parent repo is not ours
-        return None
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
 
 
 def _sqlite_artifact_root(uri: str) -> str | None:
@@ -214,9 +138,8 @@ class MlflowTracker:
         self._new_run = self._ready = False
         self._config = redact(cfg.model_dump(mode="json"))
         self._manifest = self._read_manifest()
-        versions = {f"versions.{k}": v for k, v in package_versions().items()}
-        self._params = {**flatten(self._config), **versions}
-        self._tags = self._run_tags()
+        self._params = run_params(self._config)
+        self._tags = run_tags(cfg, self._manifest)
         self._system_metrics, self._monitor = cfg.tracking.system_metrics, None
         self._lock = threading.Lock()
         self._pending: list[Metric] = []
@@ -233,8 +156,8 @@ class MlflowTracker:
 
     def log_cluster(self, world_size: int, num_nodes: int, gpus: int) -> None:
         """Cluster shape as params ``cluster.*`` (a new run only: MLflow params cannot change)."""
-        shape = {"cluster.world_size": world_size, "cluster.num_nodes": num_nodes, "cluster.gpus": gpus}
-        self._submit(lambda: self._new_run and self._client.log_batch(self.run_id, params=_params(shape)), lost=1)
+        shape = cluster_params(world_size, num_nodes, gpus)
+        self._submit(lambda: self._new_run and self._client.log_batch(self.run_id, params=shape), lost=1)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self._closed:
@@ -267,7 +190,8 @@ class MlflowTracker:
         """Log a file from ``export_generator`` as the run's MLflow model "generator" (pyfunc, loaded by
         gan_dist's weights-only ``load_generator``), registered as ``register_as`` if given. Waits up to
         ``timeout`` s; returns the model URI (``models:/m-...``), or None if it was not logged."""
-        job = self._submit(lambda: self._log_generator(Path(generator_file), register_as), lost=1, force=True)
+        log_model = lambda: log_generator_model(Path(generator_file), self.run_id, self._experiment_id, register_as)
+        job = self._submit(log_model, lost=1, force=True)
         return self._wait(job, timeout)
 
     def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
@@ -386,7 +310,7 @@ class MlflowTracker:
             self._client = mlflow.MlflowClient(self._cfg.tracking.uri)
         if self._experiment_id is None:
             self._new_run = self._open_run()
-        params = _params(self._params) if self._new_run else []
+        params = self._params if self._new_run else []
         self._client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in self._tags.items()])
         self._client.log_dict(self.run_id, self._config, "config.yaml")  # the latest effective config
         if self._manifest is not None:
@@ -430,18 +354,6 @@ class MlflowTracker:
         self._client.update_run(self.run_id, status="RUNNING")
         return False
 
-    def _run_tags(self) -> dict[str, str]:
-        tags = {
-            RUN_NAME_TAG: self._cfg.run.name,
-            CHECKPOINT_TAG: redact_uri(f"{self._cfg.checkpoint.storage.rstrip('/')}/{self._cfg.run.name}"),
-            DATASET_TAG: redact_uri(self._cfg.data.url),
-        }
-        if commit := git_commit():
-            tags[MLFLOW_GIT_COMMIT] = commit  # the tag MLflow's UI shows as the run's source version
-        if self._manifest is not None:
-            tags[DATASET_SAMPLES_TAG] = str(self._manifest.num_samples)
-        return tags
-
     def _read_manifest(self) -> Manifest | None:
         try:
             return read_manifest(self._cfg.data.url)  # None for remote URLs: no tags then
@@ -464,23 +376,6 @@ class MlflowTracker:
             self._system_metrics, self._monitor = False, None
             log.warning("system metrics not logged: %s", exc)
 
-    def _log_generator(self, generator_file: Path, register_as: str | None) -> str:
-        _, meta = load_generator(generator_file)  # refuses anything but a plain-data gan_dist export
-        mlflow.set_experiment(experiment_id=self._experiment_id)  # Model.log files the model under it
-        return Model.log(
-            artifact_path=None,
-            name=GENERATOR_MODEL_NAME,
-            flavor=mlflow.pyfunc,
-            run_id=self.run_id,
-            step=meta["step"],
-            registered_model_name=register_as,
-            metadata={"gan_dist": meta},
-            loader_module=__name__,  # _load_pyfunc below: no pickled code in the model
-            data_path=str(generator_file),
-            signature=generator_signature(meta),
-            pip_requirements=[f"{p}=={v}" for p, v in package_versions().items() if p in ("torch", "gan_dist")],
-        ).model_uri
-
     def _end(self, status: str) -> bool:
         self._send_metrics()
         if self._monitor is not None:
@@ -488,36 +383,3 @@ class MlflowTracker:
         self._record_dropped()
         self._client.set_terminated(self.run_id, status)
         return True
-
-
-def _params(values: dict[str, Any]) -> list[Param]:
-    return [Param(key, str(value)) for key, value in values.items()]
-
-
-def generator_signature(meta: dict[str, Any]) -> ModelSignature:
-    """z [N, z_dim] float32 -> images [N, C, R, R] float32 in [-1, 1]."""
-    z_dim, res, ch = meta["model"]["z_dim"], meta["resolution"], meta["channels"]
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, ch, res, res))]),
-    )
-
-
-class GeneratorModel:
-    """What ``mlflow.pyfunc.load_model`` returns the logged generator as."""
-
-    def __init__(self, generator: torch.nn.Module) -> None:
-        self.generator = generator
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        """z [N, z_dim] -> images [N, C, R, R] in [-1, 1]."""
-        with torch.no_grad():
-            return self.generator(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
-
-    def get_raw_model(self) -> torch.nn.Module:
-        return self.generator
-
-
-def _load_pyfunc(data_path: str) -> GeneratorModel:
-    """MLflow's pyfunc loader hook: weights load with torch.load(weights_only=True) via load_generator."""
-    return GeneratorModel(load_generator(data_path)[0])

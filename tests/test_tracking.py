@@ -21,16 +21,9 @@ from PIL import Image
 from gan_dist.config import build_config
 from gan_dist.driver import run_training
 from gan_dist.models import build_generator
-from gan_dist.tracking import (
-    CHECKPOINT_TAG,
-    DATASET_SAMPLES_TAG,
-    DROPPED_TAG,
-    RUN_NAME_TAG,
-    MlflowTracker,
-    flatten,
-    redact,
-    redact_uri,
-)
+from gan_dist.redact import redact, redact_uri
+from gan_dist.tracking import DROPPED_TAG, MlflowTracker
+from gan_dist.tracking_info import CHECKPOINT_TAG, DATASET_SAMPLES_TAG, RUN_NAME_TAG, flatten
 from gan_dist.train.checkpoint import export_generator, load_checkpoint, save_checkpoint
 from tests.conftest import TINY_MODEL
 
