@@ -1,19 +1,20 @@
 """Where the trainer's step time goes, without Ray: one process, variants interleaved block by block.
 
-Each variant adds one piece of what a gan_dist worker does to the one before it:
+Each variant adds one piece of what a gan_dist worker does to B, gan_dist's own step:
 
 - A tutorial: the bare loop's step (bench/bare_loop.py: PyTorch DCGAN tutorial loop), in-memory data
 - B gan_dist step: ``discriminator_step`` + ``generator_step`` (fakes from a no-grad G in the D step, a
   fresh G(z) for the G step through a frozen D, grad norms, EMA) and the loop's per-step metric sums; plain
   modules, in-memory data
-- C + DDP: the same with G and D wrapped in DDP over a 1-process gloo group, as Ray Train gives 1 worker
-- D + loader: the same with batches from gan_dist's ``build_loader`` (1 DataLoader worker process decoding
-  the PNG shards) instead of memory
-- D': C with the same loader run inside the training process (``data.loader_workers=0``), against C
+- C = B + DDP: G and D wrapped in DDP over a 1-process gloo group, as Ray Train gives 1 worker. The trainer
+  no longer does this at world size 1; the row shows what that saves
+- D = B + loader: batches from gan_dist's ``build_loader`` (1 DataLoader worker process decoding the PNG
+  shards) instead of memory
+- D' = B + loader in-process: the same loader run inside the training process (``data.loader_workers=0``)
 
 Variants run in blocks of ``--block`` steps, round-robin, for ``--rounds`` rounds (the first is warm-up), so
 bursts of other jobs' load hit all of them alike. torch threads = 2, as the overhead benchmark's worker. The
-remainder between D and the measured trainer is what Ray's worker process and MLflow add.
+remainder between D and the measured 1-worker trainer is what Ray's worker process and MLflow add.
 
     python bench/profile_step.py [--rounds 21] [--block 2]
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from bare_loop import MemoryBatches, TutorialStep
 from common import QUICKSTART, RunnableSampler, load_images, machine, prepare_digits, scratch, spread, write_results
@@ -39,14 +41,18 @@ from worker_timing import cpu_used_since, descendants_cpu
 THREADS = 2
 
 
-def gan_dist_step(cfg: Any, data: Any) -> tuple[Callable[[], None], Any]:
-    """The body of gan_dist.train.loop.train_worker's step loop (n_critic=1), on modules built by gan_dist."""
+def gan_dist_step(
+    cfg: Any, data: Any, device: torch.device = torch.device("cpu"), prepare: Callable[[Any], None] | None = None
+) -> tuple[Callable[[], None], Any]:
+    """The body of gan_dist.train.loop.train_worker's step loop (n_critic=1), on modules built by gan_dist;
+    ``prepare(modules)`` may change them (memory format, compilation) before the first step."""
     from gan_dist.data.loader import to_float
     from gan_dist.train.loop import build_modules
     from gan_dist.train.step import discriminator_step, generator_step
 
-    device = torch.device("cpu")
-    m = build_modules(cfg, device)  # DDP-wrapped iff a process group is up, exactly as in a worker
+    m = build_modules(cfg, device)  # DDP-wrapped iff more than one rank, exactly as in a worker
+    if prepare is not None:
+        prepare(m)
     noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 100_003)
     batch, state = cfg.per_worker_batch(), {"step": 0, "sums": {}}
 
@@ -61,6 +67,10 @@ def gan_dist_step(cfg: Any, data: Any) -> tuple[Callable[[], None], Any]:
         state["step"] += 1
 
     return step, m
+
+
+def wrap_in_ddp(m: Any) -> None:
+    m.g, m.d = DistributedDataParallel(m.g), DistributedDataParallel(m.d)
 
 
 def components(cfg: Any, m: Any) -> dict[str, Callable[[], None]]:
@@ -109,11 +119,12 @@ def main() -> None:
         }
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         try:
-            variants["C + DDP (gloo, world size 1)"] = gan_dist_step(cfg, MemoryBatches(images, cfg.train.batch_size))[0]
-            variants["D + gan_dist loader (1 process)"] = gan_dist_step(cfg, build_loader(cfg, 0, 1))[0]
-            # Not cumulative: C with the loader's work done in the training process instead (loader_workers=0).
+            variants["C = B + DDP (gloo, world size 1)"] = gan_dist_step(
+                cfg, MemoryBatches(images, cfg.train.batch_size), prepare=wrap_in_ddp
+            )[0]
+            variants["D = B + gan_dist loader (1 process)"] = gan_dist_step(cfg, build_loader(cfg, 0, 1))[0]
             in_process = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader_workers": 0})})
-            variants["D' = C + gan_dist loader in-process (loader_workers=0)"] = gan_dist_step(
+            variants["D' = B + gan_dist loader in-process (loader_workers=0)"] = gan_dist_step(
                 in_process, build_loader(in_process, 0, 1)
             )[0]
             variants.update(components(cfg, m))  # timed in the same rotation, reported apart
@@ -146,20 +157,18 @@ def main() -> None:
             "variant": name, "steps": s["n"], "median_ms": s["median"], "mean_ms": statistics.fmean(s["values"]),
             "cpu_ms": 1000 * (cpu[name] + (loader_cpu if name.startswith("D ") else 0)) / s["n"],
             "vs_tutorial": s["median"] / (1000 * base),
-            # Each row against the one it adds to: the row above, except D' which replaces D's loader process.
-            "vs_previous": s["median"] / medians[list(medians)[2 if name.startswith("D'") else -1]] if medians else None,
+            "vs_b": s["median"] / medians[list(medians)[1]] if len(medians) > 1 else None,
             "p10_p90": f"{sorted(s['values'])[s['n'] // 10]:.1f}–{sorted(s['values'])[9 * s['n'] // 10]:.1f}",
         })  # fmt: skip
         medians[name] = s["median"]
     columns = [
         ("variant", "variant"), ("steps", "steps timed"), ("median_ms", "median step ms"), ("mean_ms", "mean ms"),
-        ("p10_p90", "p10–p90 ms"), ("vs_previous", "× previous row"), ("vs_tutorial", "× tutorial"),
+        ("p10_p90", "p10–p90 ms"), ("vs_b", "× B"), ("vs_tutorial", "× tutorial"),
         ("cpu_ms", "CPU ms/step (D: + loader process)"),
     ]  # fmt: skip
     summary = [
         f"Mean runnable tasks on the machine while timing: {sampler.mean()} (this process's 2 threads included).",
-        "Each row adds one piece to the row above ('× previous row' is what that piece costs per step); D' is "
-        "C plus the loader's work done inside the training process, compared with C.",
+        "C, D and D' each add one piece to B: '× B' is what that piece costs per step.",
     ]
     command = "python bench/profile_step.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
     print(write_results(
