@@ -30,8 +30,6 @@ from common import (
     RunnableSampler,
     bench_arguments,
     command_line,
-    cpu_used_since,
-    descendants_cpu,
     load,
     load_span,
     machine,
@@ -45,6 +43,7 @@ from common import (
     timed_config,
     write_results,
 )
+from worker_timing import cpu_used_since, descendants_cpu
 
 BATCH = 64  # the quickstart's global batch
 THREADS = 2

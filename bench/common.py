@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from worker_timing import TIMING_FILE, cpu_used_since, descendants_cpu, timed_train_worker
+from worker_timing import TIMING_FILE, descendants_cpu, timed_train_worker
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

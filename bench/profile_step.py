@@ -11,6 +11,8 @@ Each variant adds one piece of what a gan_dist worker does to B, gan_dist's own 
 - D = B + loader: batches from gan_dist's ``build_loader`` (1 DataLoader worker process decoding the PNG
   shards) instead of memory
 - D' = B + loader in-process: the same loader run inside the training process (``data.loader_workers=0``)
+- E = D + decode cache: the loader process keeps decoded images (``data.decode_cache_mb``, which the
+  quickstart sets), so after the first epoch it reads shards but decodes nothing
 
 Variants run in blocks of ``--block`` steps, round-robin, for ``--rounds`` rounds (the first is warm-up), so
 bursts of other jobs' load hit all of them alike. torch threads = 2, as the overhead benchmark's worker. The
@@ -36,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bare_loop import MemoryBatches, TutorialStep
 from common import QUICKSTART, RunnableSampler, load_images, machine, prepare_digits, scratch, spread, write_results
-from worker_timing import cpu_used_since, descendants_cpu
+from worker_timing import descendants_cpu
 
 THREADS = 2
 
@@ -122,17 +124,27 @@ def main() -> None:
             variants["C = B + DDP (gloo, world size 1)"] = gan_dist_step(
                 cfg, MemoryBatches(images, cfg.train.batch_size), prepare=wrap_in_ddp
             )[0]
-            variants["D = B + gan_dist loader (1 process)"] = gan_dist_step(cfg, build_loader(cfg, 0, 1))[0]
-            in_process = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader_workers": 0})})
-            variants["D' = B + gan_dist loader in-process (loader_workers=0)"] = gan_dist_step(
-                in_process, build_loader(in_process, 0, 1)
-            )[0]
+
+            def data_settings(**update: Any) -> Any:
+                return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+
+            loaders = {  # variant: its loader's settings
+                "D = B + gan_dist loader (1 process)": data_settings(decode_cache_mb=0),
+                "D' = B + gan_dist loader in-process (loader_workers=0)": data_settings(decode_cache_mb=0, loader_workers=0),
+                "E = D + decode cache (data.decode_cache_mb, as the quickstart)": data_settings(decode_cache_mb=16),
+            }  # fmt: skip
+            loader_pids = {}  # variant: pid of its DataLoader worker process
+            for name, settings in loaders.items():
+                batches = build_loader(settings, 0, 1)
+                variants[name] = gan_dist_step(settings, batches)[0]
+                if settings.data.loader_workers:
+                    loader_pids[name] = batches._batches._workers[0].pid
             variants.update(components(cfg, m))  # timed in the same rotation, reported apart
             times: dict[str, list[float]] = {name: [] for name in variants}
             cpu: dict[str, float] = {name: 0.0 for name in variants}  # this process's CPU s, all threads
             with RunnableSampler() as sampler:
                 for rnd in range(args.rounds):
-                    if rnd == 1:  # the loader process works for variant D only (2 batches ahead, then waits)
+                    if rnd == 1:  # a loader process works for its variant only (2 batches ahead, then waits)
                         loader_start = descendants_cpu(os.getpid())
                     for name, step in variants.items():
                         for _ in range(args.block):
@@ -141,7 +153,8 @@ def main() -> None:
                             if rnd:  # round 0 warms up every variant (allocator, loader start, first batches)
                                 times[name].append(time.perf_counter() - t0)
                                 cpu[name] += time.process_time() - c0
-                loader_cpu = cpu_used_since(loader_start, os.getpid())
+                loader_end = descendants_cpu(os.getpid())
+                loader_cpu = {name: loader_end[pid] - loader_start[pid] for name, pid in loader_pids.items()}
         finally:
             dist.destroy_process_group()
 
@@ -155,7 +168,7 @@ def main() -> None:
         s = spread([1000 * v for v in values])
         rows.append({
             "variant": name, "steps": s["n"], "median_ms": s["median"], "mean_ms": statistics.fmean(s["values"]),
-            "cpu_ms": 1000 * (cpu[name] + (loader_cpu if name.startswith("D ") else 0)) / s["n"],
+            "cpu_ms": 1000 * (cpu[name] + (loader_cpu[name] if name in loader_cpu else 0)) / s["n"],
             "vs_tutorial": s["median"] / (1000 * base),
             "vs_b": s["median"] / medians[list(medians)[1]] if len(medians) > 1 else None,
             "p10_p90": f"{sorted(s['values'])[s['n'] // 10]:.1f}–{sorted(s['values'])[9 * s['n'] // 10]:.1f}",
@@ -164,11 +177,12 @@ def main() -> None:
     columns = [
         ("variant", "variant"), ("steps", "steps timed"), ("median_ms", "median step ms"), ("mean_ms", "mean ms"),
         ("p10_p90", "p10–p90 ms"), ("vs_b", "× B"), ("vs_tutorial", "× tutorial"),
-        ("cpu_ms", "CPU ms/step (D: + loader process)"),
+        ("cpu_ms", "CPU ms/step (D, E: + loader process)"),
     ]  # fmt: skip
     summary = [
         f"Mean runnable tasks on the machine while timing: {sampler.mean()} (this process's 2 threads included).",
-        "C, D and D' each add one piece to B: '× B' is what that piece costs per step.",
+        "C, D, D' and E each add one piece to B: '× B' is what that piece costs per step. D, D' and E run "
+        "the same shards; E's loader decodes each image once, then serves it from memory.",
     ]
     command = "python bench/profile_step.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
     print(write_results(

@@ -37,6 +37,12 @@ class DataConfig(_Section):
     channels: Literal[1, 3] = 1
     loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(512, ge=0, description="Samples shuffled in memory per loader worker")
+    decode_cache_mb: float = Field(
+        0,
+        ge=0,
+        description="Keep up to this many MB of decoded images per loader worker, so later epochs skip "
+        "decoding (datasets that fit in memory: MNIST, CIFAR); 0 = decode every time",
+    )
     random_flip: bool = False
     mode: Literal["exact", "resampled"] = Field(
         "exact",

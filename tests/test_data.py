@@ -32,6 +32,7 @@ from gan_dist.data import (
     to_float,
     write_manifest,
 )
+from gan_dist.data import loader as loader_module
 from gan_dist.data.inspect import inspect_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,6 +307,27 @@ def test_damaged_data_is_skipped_and_counted_once_per_epoch(tmp_path: Path) -> N
     keys = [k for _, ks in epoch0 for k in ks]
     assert "shard-000001.tar/000000020" not in keys  # the broken image's slot holds another image of its batch
     assert all(b.shape == (16, 1, 32, 32) for b, _ in epoch0)
+
+
+def test_decode_cache_keeps_the_stream_and_decodes_each_image_once(tmp_path: Path, monkeypatch) -> None:
+    per_epoch_skips = _damaged(tmp_path)  # damage too: fill-ins and skip counts must not change
+    settings = {"batch": 16, "world": 1, "shuffle_buffer": 10, "random_flip": True}
+    expected = _take(build_loader(_cfg(tmp_path, **settings), rank=0, world_size=1), 12)  # 3 epochs
+    decoded, decode = [], loader_module._pixels
+
+    def counting_decode(sample, *args):
+        decoded.append(sample["__key__"])
+        return decode(sample, *args)
+
+    monkeypatch.setattr(loader_module, "_pixels", counting_decode)
+    cached = build_loader(_cfg(tmp_path, decode_cache_mb=1, **settings), rank=0, world_size=1)
+    got = _take(cached, 12)
+    assert [k for _, k in got] == [k for _, k in expected]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, expected, strict=True))
+    assert cached.skipped == 3 * per_epoch_skips
+    # 5 readable samples of shard 0, 16 of shard 1 (one of them broken) and 16 of shard 2, each decoded once
+    # although each epoch meets them more than once (the worker wraps around its shards) and there are 3.
+    assert len(decoded) == len(set(decoded)) == 5 + 16 + 16
 
 
 def test_resume_over_damaged_data_is_exact_and_counts_from_there(tmp_path: Path) -> None:

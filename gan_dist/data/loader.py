@@ -17,6 +17,10 @@ a damaged/missing shard) is counted once per epoch in which it is met. Re-readin
 (exact-mode wrap-around, resampled redraws) does not count again; a part the epoch never reaches is not
 counted. ``BatchIterator.skipped`` is the rank's running total since the loader started (since
 ``start_batch`` after a resume).
+
+Decode cache (``data.decode_cache_mb``): a worker memoises decoded images by (shard, key) up to its byte
+budget. Shards are still read, so the stream, its order and its skip counts are exactly those without it;
+only the decoding of an image met again in a later epoch is saved.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ class ShardStream(IterableDataset):
         self.resolution = cfg.data.resolution
         self.shuffle_buffer = cfg.data.shuffle_buffer
         self.random_flip = cfg.data.random_flip
+        # Each DataLoader worker process gets its own copy of this stream, so each has its own cache.
+        self.decoded: dict[tuple[str, str], np.ndarray | None] = {}
+        self.cache_room = int(cfg.data.decode_cache_mb * 2**20)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], int, int]]:
         info = get_worker_info()
@@ -175,9 +182,21 @@ class ShardStream(IterableDataset):
                     names = [self.plan.shards[j] for j in candidates]
                     raise RuntimeError(f"rank {self.rank}: no readable sample in any of {names}")
 
+    def _decode(self, sample: dict[str, Any]) -> np.ndarray | None:
+        """A sample's pixels (read-only: batches copy them), from the decode cache when it holds them."""
+        key = (sample["__url__"], sample["__key__"])
+        if key in self.decoded:
+            return self.decoded[key]
+        pixels = _pixels(sample, self.image_mode, self.resolution)
+        size = 0 if pixels is None else pixels.nbytes
+        if size <= self.cache_room and self.cache_room > 0:
+            self.decoded[key] = pixels
+            self.cache_room -= size
+        return pixels
+
     def _decode_batch(self, chunk: list[dict], tally: _Tally, tag: str) -> tuple[torch.Tensor, list[str]]:
         """Decode one batch; an undecodable image's slot gets a copy of another image of the batch."""
-        decoded = [_pixels(s, self.image_mode, self.resolution) for s in chunk]
+        decoded = [self._decode(s) for s in chunk]
         good = [i for i, image in enumerate(decoded) if image is not None]
         tally.skipped += sum(1 for s, image in zip(chunk, decoded) if image is None and s["__first__"])
         if not good:
