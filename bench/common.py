@@ -282,13 +282,17 @@ def rotated_runs(
     return runs
 
 
-def bench_arguments(doc: str, reps: int, interval: str, interval_help: str) -> argparse.Namespace:
-    """--reps, --steps and the logging interval (``--window`` or ``--every``), each defaulting to what the
-    committed results used."""
+def bench_arguments(
+    doc: str, reps: int, interval: str, interval_help: str, extra: dict[str, tuple[int, str]] | None = None
+) -> argparse.Namespace:
+    """--reps, --steps, the logging interval (``--window`` or ``--every``) and ``extra`` integer options
+    (name: (default, help)), each defaulting to what the committed results used."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(f"--{interval}", type=int, default=10, help=interval_help)
+    for name, (default, help_) in (extra or {}).items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=help_)
     return parser.parse_args()
 
 

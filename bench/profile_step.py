@@ -12,7 +12,8 @@ Each variant adds one piece of what a gan_dist worker does to B, gan_dist's own 
   shards) instead of memory
 - D' = B + loader in-process: the same loader run inside the training process (``data.loader_workers=0``)
 - E = D + decode cache: the loader process keeps decoded images (``data.decode_cache_mb``, which the
-  quickstart sets), so after the first epoch it reads shards but decodes nothing
+  quickstart sets), so after the first epoch (run through every loader before timing) it reads shards but
+  decodes nothing
 
 Variants run in blocks of ``--block`` steps, round-robin, for ``--rounds`` rounds (the first is warm-up), so
 bursts of other jobs' load hit all of them alike. torch threads = 2, as the overhead benchmark's worker. The
@@ -107,6 +108,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     from gan_dist.config import load_config
     from gan_dist.data.loader import build_loader
+    from gan_dist.data.shards import plan_data
 
     with scratch() as tmp:
         shards = prepare_digits(Path(tmp))
@@ -136,6 +138,8 @@ def main() -> None:
             loader_pids = {}  # variant: pid of its DataLoader worker process
             for name, settings in loaders.items():
                 batches = build_loader(settings, 0, 1)
+                for _ in range(plan_data(settings, 1).batches_per_epoch):  # a first epoch fills E's decode cache
+                    next(batches)
                 variants[name] = gan_dist_step(settings, batches)[0]
                 if settings.data.loader_workers:
                     loader_pids[name] = batches._batches._workers[0].pid
