@@ -42,3 +42,32 @@ def test_unknown_format_version_is_a_clear_error(tmp_path):
 def test_missing_state_file(tmp_path):
     with pytest.raises(CheckpointError, match="no state.pt"):
         load_checkpoint(tmp_path)
+
+
+def test_rollback_snapshot_is_a_host_copy_that_restores_the_modules():
+    """The NaN rollback keeps ``_cpu_copy`` of the training state: it must survive further steps (state
+    dicts alias the live tensors) and bring G, D and the optimizers back exactly."""
+    from gan_dist.config import build_config
+    from gan_dist.train.checkpoint import restore_modules, training_state
+    from gan_dist.train.loop import _cpu_copy, build_modules, parameter_digest
+    from gan_dist.train.step import discriminator_step, generator_step
+
+    cfg = build_config({"data": {"url": "/unused"}, "model": {"g_width": 8, "d_width": 8, "z_dim": 16},
+                        "train": {"batch_size": 4}, "scaling": {"num_workers": 1}})  # fmt: skip
+    device = torch.device("cpu")
+    m = build_modules(cfg, device)
+    real = torch.rand(4, 1, 32, 32) * 2 - 1
+    discriminator_step(m, cfg, real, torch.randn(4, 16), 0, device)  # optimizer moments exist from here on
+    generator_step(m, cfg, torch.randn(4, 16), 0, device)
+    snapshot = _cpu_copy({"step": 1, **training_state(m), "config": {}})
+    digest, moments = parameter_digest(m), m.opt_d.state_dict()["state"][0]["exp_avg"].clone()
+
+    for step in (1, 2):
+        discriminator_step(m, cfg, real, torch.randn(4, 16), step, device)
+        generator_step(m, cfg, torch.randn(4, 16), step, device)
+    assert parameter_digest(m) != digest  # training moved on; the snapshot must not have
+
+    restore_modules(m, snapshot)
+    assert parameter_digest(m) == digest
+    assert torch.equal(m.opt_d.state_dict()["state"][0]["exp_avg"], moments)
+    assert "config" not in snapshot and all(t.device.type == "cpu" for t in snapshot["g"].values())

@@ -172,7 +172,19 @@ def _chaos_step(run_name: str, rank: int) -> int | None:
 
 
 def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy({k: v for k, v in state.items() if k != "config"})
+    """A snapshot of ``state`` in host memory, for rolling back: state dicts alias the live parameters and
+    optimizer moments, and a copy kept on the GPU would double their memory there."""
+    return _to_cpu({k: v for k, v in state.items() if k != "config"})
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -217,7 +229,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     batch = cfg.per_worker_batch()
     data = build_loader(cfg, rank, world, start_batch=data_batches)
-    last_good = _cpu_copy(resumed) if resumed else {"step": 0, **training_state(m)}
+    last_good = _cpu_copy(resumed or {"step": 0, **training_state(m)})
     rollbacks = 0
     crash_after = _chaos_step(cfg.run.name, rank)
     sums: dict[str, torch.Tensor] = {}
