@@ -30,13 +30,14 @@ from typing import Any
 from common import (
     BENCH_DIR,
     LOAD_COLUMNS,
-    SUMMARY_COLUMNS,
+    QUICKSTART_MODEL,
     RunnableSampler,
+    SUMMARY_COLUMNS,
     bench_arguments,
-    command_line,
     load,
     load_span,
     machine,
+    publish,
     rotated_runs,
     run_context,
     run_trainer,
@@ -45,7 +46,6 @@ from common import (
     steady_stats,
     summary_row,
     timed_config,
-    write_results,
 )
 from worker_timing import cpu_used_since, descendants_cpu
 
@@ -147,15 +147,14 @@ def main() -> None:
         "~2-3, the bare loop ~2). Pairs run back to back, so the per-pair ratio is the steadier estimate; "
         "CPU seconds also grow under contention (OpenMP threads spin while waiting for a descheduled peer).",
     ]
-    command = command_line("bench_overhead.py", args)
-    settings = {"model": "dcgan 32px g/d width 32 z 64", "loss": "nonsaturating", "global_batch": BATCH,
-                "workers": 1, "cpus_per_worker": args.threads, **vars(args)}  # fmt: skip
-    print(write_results(
+    settings = {"model": QUICKSTART_MODEL, "loss": "nonsaturating", "global_batch": BATCH, "workers": 1,
+                "cpus_per_worker": args.threads}  # fmt: skip
+    publish(
         "overhead" if args.threads == 2 else f"overhead_threads{args.threads}",
         f"Overhead: trainer (1 Ray worker, {args.threads} threads) vs bare PyTorch loop", info, settings,
         [("Runs (alternating):", columns, runs), ("Summary:", SUMMARY_COLUMNS, summary_rows)],
-        summary, command, raw={"runs": runs},
-    ))  # fmt: skip
+        summary, "bench_overhead.py", args, raw={"runs": runs},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

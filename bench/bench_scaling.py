@@ -19,10 +19,11 @@ from typing import Any
 
 from common import (
     LOAD_COLUMNS,
+    QUICKSTART_MODEL,
     SUMMARY_COLUMNS,
     bench_arguments,
-    command_line,
     machine,
+    publish,
     rotated_runs,
     run_context,
     run_trainer,
@@ -31,7 +32,6 @@ from common import (
     steady_stats,
     summary_row,
     timed_config,
-    write_results,
 )
 
 BATCH = 64
@@ -101,13 +101,10 @@ def main() -> None:
         "processes + other engineers' jobs (see the load column), so this is not a test of gan_dist's scaling "
         "on hardware with a core per worker.",
     ]
-    command = command_line("bench_scaling.py", args)
-    settings = {"model": "dcgan 32px g/d width 32 z 64", "global_batch": BATCH, "loader_workers": 1, **vars(args)}
-    print(write_results(
-        "scaling", "Scaling on CPU: 1 vs 2 Ray workers", info, settings,
-        [("Runs:", columns, runs), ("Summary:", SUMMARY_COLUMNS, summary_rows)],
-        summary, command, raw={"runs": runs},
-    ))  # fmt: skip
+    settings = {"model": QUICKSTART_MODEL, "global_batch": BATCH, "loader_workers": 1}
+    publish("scaling", "Scaling on CPU: 1 vs 2 Ray workers", info, settings,
+            [("Runs:", columns, runs), ("Summary:", SUMMARY_COLUMNS, summary_rows)],
+            summary, "bench_scaling.py", args, raw={"runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,16 +23,16 @@ from typing import Any
 
 from common import (
     LOAD_COLUMNS,
+    QUICKSTART_MODEL,
     bench_arguments,
-    command_line,
     machine,
+    publish,
     rotated_runs,
     run_context,
     run_trainer,
     spread,
     step_intervals,
     timed_config,
-    write_results,
 )
 
 GOAL = 1.03
@@ -127,14 +127,11 @@ def main() -> None:
         "The step-to-step noise from other jobs on these 2 cores is of the same order as the effect measured; "
         "read the per-run table before trusting a difference of a few percent.",
     ]
-    command = command_line("bench_stalls.py", args)
-    settings = {"model": "dcgan 32px g/d width 32 z 64", "global_batch": 64, "workers": 1, "cpus_per_worker": 2,
-                "tracking": "sqlite", "checkpoint_storage": "local dir", "warmup_steps": WARMUP, **vars(args)}  # fmt: skip
-    print(write_results(
-        "stalls", "Stalls: logging and checkpointing on vs off", info, settings,
-        [("Summary:", summary_columns, summary_rows), ("Runs:", run_columns, runs)],
-        summary, command, raw={"runs": runs},
-    ))  # fmt: skip
+    settings = {"model": QUICKSTART_MODEL, "global_batch": 64, "workers": 1, "cpus_per_worker": 2,
+                "tracking": "sqlite", "checkpoint_storage": "local dir", "warmup_steps": WARMUP}  # fmt: skip
+    publish("stalls", "Stalls: logging and checkpointing on vs off", info, settings,
+            [("Summary:", summary_columns, summary_rows), ("Runs:", run_columns, runs)],
+            summary, "bench_stalls.py", args, raw={"runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+QUICKSTART_MODEL = "dcgan 32px g/d width 32 z 64"  # what QUICKSTART trains, for the results' settings line
 
 # Ray 2.60 turns token auth on for local clusters by default; the bench wants none (as the tests).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -448,6 +449,16 @@ def write_results(
     text = "\n".join(md)
     (RESULTS / f"{name}.md").write_text(text)
     return text
+
+
+def publish(
+    name: str, title: str, info: dict[str, Any], settings: dict[str, Any], tables: Sequence[Table],
+    summary: Sequence[str], script: str, args: argparse.Namespace, raw: dict[str, Any] | None = None,
+) -> None:
+    """``write_results`` for a trainer benchmark: its arguments join the settings, the command that
+    regenerates it is built from them, and the markdown is printed."""
+    settings = {**settings, **vars(args)}
+    print(write_results(name, title, info, settings, tables, summary, command_line(script, args), raw))
 
 
 def print_progress(message: str) -> None:

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gan_dist.config import EvalConfig, StorageConfig
-from gan_dist.data.loader import list_shards, to_float
+from gan_dist.data.images import to_uint8
+from gan_dist.data.loader import decode_image, list_shards, to_float
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest
 from gan_dist.metrics.features import FeatureExtractor, build_extractor
 from gan_dist.metrics.fid import (
@@ -35,7 +35,6 @@ from gan_dist.metrics.fid import (
     kernel_inception_distance,
     precision_recall,
 )
-from gan_dist.sample import to_uint8
 from gan_dist.storage import exists, join, open_stream, read_bytes, write_bytes
 from gan_dist.train.checkpoint import load_generator
 
@@ -120,7 +119,7 @@ def read_images(
                 if index - 1 not in wanted:
                     continue
                 left -= 1
-                image = _decode(sample, mode, resolution)
+                image = decode_image(sample, mode, resolution)
                 if image is None:
                     errors.append(ValueError(f"{sample['__url__']}: no decodable image in {sample['__key__']}"))
                 else:
@@ -133,21 +132,6 @@ def read_images(
                                              f"{starts[i + 1] - starts[i]}"))
     if errors:
         log.warning("%s: skipped %d unreadable samples/shards (first: %s)", data_url, len(errors), errors[0])
-
-
-def _decode(sample: dict, mode: str, resolution: int) -> torch.Tensor | None:
-    data = next((sample[k] for k in ("png", "jpg", "jpeg") if k in sample), None)
-    if data is None:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            pixels = np.array(im.convert(mode))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-    if pixels.shape[:2] != (resolution, resolution):
-        raise ValueError(f"{sample['__url__']}: images are {pixels.shape[1]}x{pixels.shape[0]}, not {resolution}px")
-    tensor = torch.from_numpy(pixels)
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
 def _batches(pairs: Iterable[tuple[torch.Tensor, int | None]], batch_size: int) -> Iterator[torch.Tensor]:

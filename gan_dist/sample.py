@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from gan_dist.data.images import image_grid, to_pil, to_uint8
 from gan_dist.train.checkpoint import load_generator
 
 GRID_MAX = 64  # grid.png shows the first images only: a 10,000-image grid is no use to look at
 INTERPOLATION_ROWS = 8
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] -> uint8 pixels (the inverse of the loader's ``to_float``)."""
-    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    """uint8 [C, H, W] -> a greyscale or RGB PIL image."""
-    pixels = image.cpu().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-
-
-def _grid(images: torch.Tensor, nrow: int, pad: int = 2) -> Image.Image:
-    """uint8 [N, C, H, W] -> rows of ``nrow`` images on black, ``pad`` pixels apart (torchvision's
-    layout, without importing torchvision, which costs seconds per process)."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        canvas[:, top : top + h, left : left + w] = image
-    return _to_pil(canvas)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -84,12 +60,12 @@ def write_samples(
             images = to_uint8(g(z))
             for i, image in enumerate(images):
                 path = out_dir / f"sample-{start + i:06d}.png"
-                _to_pil(image).save(path)
+                to_pil(image).save(path)
                 written.append(path)
             grid_images.extend(images[: max(0, GRID_MAX - len(grid_images))])
             bar.update(len(images))
     grid = out_dir / "grid.png"
-    _grid(torch.stack(grid_images), nrow=math.ceil(math.sqrt(len(grid_images)))).save(grid)
+    image_grid(torch.stack(grid_images)).save(grid)
     written.append(grid)
     if interpolate:
         # Own stream: the strip stays the same whatever ``num`` is.
@@ -97,6 +73,6 @@ def write_samples(
         path_z = slerp(ends[0], ends[1], torch.linspace(0, 1, interpolate)).reshape(-1, z_dim)
         frames = torch.cat([to_uint8(g(chunk)) for chunk in path_z.split(batch_size)])
         strip = out_dir / "interpolation.png"
-        _grid(frames, nrow=interpolate).save(strip)
+        image_grid(frames, nrow=interpolate).save(strip)
         written.append(strip)
     return written

@@ -25,7 +25,8 @@ from gan_dist.evaluate import (
 )
 from gan_dist.metrics import ClassifierExtractor, feature_statistics, frechet_distance, train_classifier
 from gan_dist.models import build_generator
-from gan_dist.sample import slerp, to_uint8, write_samples
+from gan_dist.data.images import to_uint8
+from gan_dist.sample import slerp, write_samples
 from gan_dist.train.checkpoint import export_generator, load_generator, save_checkpoint
 from tests.conftest import TINY_MODEL
 

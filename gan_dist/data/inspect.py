@@ -6,10 +6,9 @@ import itertools
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
-from torchvision.utils import make_grid
 
 from gan_dist.config import StorageConfig
+from gan_dist.data.images import image_grid
 from gan_dist.data.loader import decode_image
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, read_manifest
 from gan_dist.data.shards import dataset_base, list_shards, read_shard
@@ -57,7 +56,6 @@ def inspect_dataset(url: str, storage: StorageConfig, grid_path: str | None, num
         images = list(itertools.islice(_images(list_shards(url, storage), storage, mode, manifest.resolution), num))
         if not images:
             raise ValueError(f"{url}: no decodable image found for the grid")
-        grid = make_grid(torch.stack(images), nrow=max(1, round(len(images) ** 0.5)), padding=2)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(grid_path)
+        image_grid(torch.stack(images)).save(grid_path)
         lines.append(f"grid         {len(images)} samples -> {grid_path}")
     return "\n".join(lines)

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.utils import make_grid
 
 from gan_dist.config import GanConfig
+from gan_dist.data.images import image_grid, to_uint8
 from gan_dist.data.loader import build_loader, to_float
 from gan_dist.evaluate import evaluate_generator_distributed, real_statistics
 from gan_dist.metrics.features import build_extractor
@@ -110,15 +110,9 @@ def parameter_digest(m: GanModules) -> str:
     return h.hexdigest()
 
 
-def _grid(images: torch.Tensor) -> Image.Image:
-    """Images in [-1, 1] as one square-ish PNG grid."""
-    grid = make_grid(images.float().cpu(), nrow=int(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-
-
 def sample_grid(g_ema: torch.nn.Module, z: torch.Tensor) -> Image.Image:
     with torch.no_grad():
-        return _grid(g_ema(z))
+        return image_grid(to_uint8(g_ema(z)))
 
 
 def _all_gather(obj: Any, world: int) -> list[Any]:
@@ -243,7 +237,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 real = to_float(next(data), device)
                 data_wait += time.perf_counter() - wait_start
                 if data_batches == 0 and rank == 0:  # a fresh run shows what it learns from, once
-                    tracker.log_image(_grid(real[: cfg.train.sample_grid]), key="real_samples", step=0)
+                    tracker.log_image(image_grid(to_uint8(real[: cfg.train.sample_grid])), key="real_samples", step=0)
                 data_batches += 1
                 z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
                 terms = discriminator_step(m, cfg, real, z, step * cfg.train.n_critic + k, device)
