@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from gan_dist.config import StorageConfig
+from gan_dist.storage import StorageConfig
 from gan_dist.data.prepare import prepare
-from gan_dist.metrics.features import ClassifierExtractor, FIDInceptionV3, InceptionExtractor, train_classifier
+from gan_dist.metrics.classifier import ClassifierExtractor, train_classifier
+from gan_dist.metrics.inception import FIDInceptionV3, InceptionExtractor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH_SIZES = (50, 100)

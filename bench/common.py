@@ -182,13 +182,13 @@ def load_images(shards_dir: Path) -> Any:
     """All images of a prepared dataset as one uint8 tensor [N, 1, 32, 32], decoded by gan_dist's own code."""
     import torch
 
-    from gan_dist.config import StorageConfig
+    from gan_dist.storage import StorageConfig
     from gan_dist.data.loader import decode_image
     from gan_dist.data.shards import list_shards, read_shard
 
     images = [
         decode_image(sample, "L", 32)
-        for shard in list_shards(str(shards_dir))
+        for shard in list_shards(str(shards_dir), StorageConfig())
         for sample in read_shard(shard, StorageConfig())
     ]
     return torch.stack([im for im in images if im is not None])
@@ -318,7 +318,7 @@ def run_trainer(cfg: Any) -> dict[str, Any]:
     finally:
         driver.train_worker = original
     wall = time.perf_counter() - t0
-    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(outcome.mlflow_run_id, "images_per_sec")
+    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(outcome.mlflow_run_id, "throughput/images_per_sec")
     ranks = sorted((Path(cfg.checkpoint.storage) / cfg.run.name).glob(f"rank*-{TIMING_FILE}"))
     timing = [json.loads(p.read_text()) for p in ranks]
     clock = timing[0]["clock"] if timing else {}

@@ -50,7 +50,7 @@ def gan_dist_step(
     """The body of gan_dist.train.loop.train_worker's step loop (n_critic=1), on modules built by gan_dist;
     ``prepare(modules)`` may change them (memory format, compilation) before the first step."""
     from gan_dist.data.loader import to_float
-    from gan_dist.train.loop import build_modules
+    from gan_dist.train.modules import build_modules
     from gan_dist.train.step import discriminator_step, generator_step
 
     m = build_modules(cfg, device)  # DDP-wrapped iff more than one rank, exactly as in a worker
@@ -78,7 +78,8 @@ def wrap_in_ddp(m: Any) -> None:
 
 def components(cfg: Any, m: Any) -> dict[str, Callable[[], None]]:
     """Pieces of gan_dist's step timed alone (on variant B's modules), to explain B against A."""
-    from gan_dist.train.step import _grad_norm, bare, ema_decay_at, update_ema
+    from gan_dist.train.modules import bare
+    from gan_dist.train.step import _grad_norm, ema_decay_at, update_ema
 
     z = torch.randn(cfg.train.batch_size, cfg.model.z_dim)
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))  # the server wrapper is the tests' one: same star
 import mlflow  # noqa: E402
 
 from gan_dist.config import build_config  # noqa: E402
-from gan_dist.tracking_info import RUN_NAME_TAG  # noqa: E402
+from gan_dist.tracking.info import RUN_NAME_TAG  # noqa: E402
 from tests.fixtures_mlflow import MlflowServer  # noqa: E402
 
 RUN_NAME = "digits-demo"

@@ -37,7 +37,7 @@ def prepare(
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// OUT (default $AWS_ENDPOINT_URL)"),
 ) -> None:
     """Write WebDataset shards and a manifest from an image source."""
-    from gan_dist.config import StorageConfig
+    from gan_dist.storage import StorageConfig
     from gan_dist.data.prepare import prepare as run_prepare
 
     if channels not in (1, 3):
@@ -80,7 +80,7 @@ def train(
     try:
         cfg = load_config(config, items)
         from gan_dist.driver import preflight, run_training
-        from gan_dist.train.loop import NonFiniteLoss
+        from gan_dist.train.phases import NonFiniteLoss
 
         preflight(cfg)
     except (ConfigError, ValueError) as exc:
@@ -105,7 +105,7 @@ def export(
     out_file: Path = typer.Argument(..., metavar="OUT", help="Generator file to write, e.g. generator.pt"),
 ) -> None:
     """Write the EMA generator alone (weights + architecture), small enough to serve."""
-    from gan_dist.train.checkpoint import CheckpointError, export_generator
+    from gan_dist.models.io import CheckpointError, export_generator
 
     try:
         path = export_generator(checkpoint, out_file)
@@ -164,7 +164,7 @@ def inspect(
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default $AWS_ENDPOINT_URL)"),
 ) -> None:
     """Print a dataset's manifest summary and write a grid of its samples."""
-    from gan_dist.config import StorageConfig
+    from gan_dist.storage import StorageConfig
     from gan_dist.data.inspect import inspect_dataset
 
     try:
@@ -186,7 +186,7 @@ def evaluate(
     """FID, KID, IS and precision/recall of a generator against real data."""
     from gan_dist.config import build_config
     from gan_dist.evaluate import evaluate as run_evaluate
-    from gan_dist.train.checkpoint import CheckpointError
+    from gan_dist.models.io import CheckpointError
 
     try:
         cfg = build_config({"data": {"url": data}}, overrides or [])
@@ -208,7 +208,7 @@ def sample(
 ) -> None:
     """Write PNG samples and a grid (and an interpolation strip) from a generator."""
     from gan_dist.sample import write_samples
-    from gan_dist.train.checkpoint import CheckpointError
+    from gan_dist.models.io import CheckpointError
 
     try:
         paths = write_samples(source, num, out_dir, seed=seed, batch_size=batch_size, interpolate=interpolate)

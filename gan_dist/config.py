@@ -11,12 +11,19 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-LOSSES = ("minimax", "nonsaturating", "lsgan", "wgan", "wgan-gp", "hinge")
+from gan_dist.losses import LOSSES
+from gan_dist.models import ARCHITECTURES
+from gan_dist.schema import Section
+from gan_dist.storage import StorageConfig
+
+# ``model`` is one of the registered architectures' sections, chosen by its ``arch`` key (default dcgan).
+ModelConfig = Annotated[Union[tuple(a.config for a in ARCHITECTURES.values())], Field(discriminator="arch")]
+DEFAULT_ARCH = "dcgan"
 
 
 class ConfigError(ValueError):
@@ -27,11 +34,7 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     url: str = Field(description="Shard directory, brace pattern (shard-{000000..000009}.tar) or URL")
     resolution: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
@@ -46,53 +49,36 @@ class DataConfig(_Section):
     random_flip: bool = False
     mode: Literal["exact", "resampled"] = Field(
         "exact",
-        description="exact: each epoch reads every shard once, split disjointly across ranks x loader workers; "
-        "resampled: shards drawn with replacement (any shard count works)",
+        description="exact: each epoch reads every sample at most once (all but fewer than one global batch "
+        "exactly once), split across ranks x loader workers; resampled: shards drawn with replacement",
+    )
+    class_balance: bool = Field(
+        False, description="Draw each epoch's samples so that every class is equally frequent (labelled data)"
     )
 
 
-class StorageConfig(_Section):
-    """Object-store settings shared by data, checkpoints and artifacts. Credentials come from the environment."""
-
-    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores; default $AWS_ENDPOINT_URL")
-    region: str | None = Field(None, description="S3 region; default $AWS_REGION or us-east-1")
-    retries: int = Field(5, ge=0, le=50, description="Attempts on transient object-store errors")
-
-
-class ModelConfig(_Section):
-    arch: Literal["mlp", "dcgan", "resnet"] = "dcgan"
-    z_dim: int = Field(100, ge=1)
-    g_width: int = Field(64, ge=4, description="Base channel width of G (DCGAN/ResNet) or hidden size (MLP)")
-    d_width: int = Field(64, ge=4, description="Base channel width of D (DCGAN/ResNet) or hidden size (MLP)")
-    g_batchnorm: bool = True
-    d_norm: Literal["batch", "none"] | None = Field(None, description="None: the arch's default")
-    d_spectral_norm: bool | None = Field(None, description="None: the arch's default")
-
-    @model_validator(mode="after")
-    def _arch_defaults(self) -> ModelConfig:
-        # Resolve "arch default" so the saved effective config says what actually ran.
-        if self.d_norm is None:
-            self.d_norm = "batch" if self.arch == "dcgan" else "none"
-        if self.d_spectral_norm is None:
-            self.d_spectral_norm = self.arch == "resnet"
-        return self
-
-
-class LossConfig(_Section):
-    name: Literal["minimax", "nonsaturating", "lsgan", "wgan", "wgan-gp", "hinge"] = "nonsaturating"
+class LossConfig(Section):
+    name: str = Field("nonsaturating", description=f"One of {', '.join(LOSSES)}")
     gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient-penalty weight (lambda)")
     r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight; 0 disables it")
     r1_every: int = Field(16, ge=1, description="Lazy R1: apply every k D steps, scaled by k")
     clip: float = Field(0.01, gt=0, description="WGAN weight-clipping bound")
 
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss '{name}'; valid names: {', '.join(LOSSES)}")
+        return name
 
-class OptimConfig(_Section):
+
+class OptimConfig(Section):
     g_lr: float = Field(2e-4, gt=0)
     d_lr: float = Field(2e-4, gt=0, description="Set apart from g_lr for TTUR")
     betas: tuple[float, float] = (0.5, 0.999)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     batch_size: int = Field(64, ge=1, description="Global batch, split evenly across workers")
     steps: int = Field(1000, ge=1, description="Generator steps")
     seed: int = 0
@@ -110,13 +96,13 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0, description="Times the worker group is restarted from the latest checkpoint after a failure")
 
 
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     storage: str = Field("./gan_dist_runs", description="Local path or URI (s3://...) for Ray Train storage")
     every: int = Field(500, ge=1)
     num_to_keep: int | None = Field(3, ge=1)
@@ -125,7 +111,7 @@ class CheckpointConfig(_Section):
     resume_from: str | None = Field(None, description="Start from this checkpoint URI (e.g. to fine-tune)")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     every: int = Field(0, ge=0, description="Steps between FID/KID evaluations; 0 disables")
     num_images: int = Field(2000, ge=2, description="Real and generated images per evaluation")
     extractor: Literal["inception", "classifier"] = "inception"
@@ -133,20 +119,20 @@ class EvalConfig(_Section):
     batch_size: int = Field(100, ge=1)
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     uri: str = Field("sqlite:///gan_dist_mlflow.db", description="MLflow tracking URI")
     experiment: str = "gan_dist"
     system_metrics: bool = Field(False, description="Log CPU/GPU/memory system metrics")
     register_model: str | None = Field(None, description="Register the final generator under this model name")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = Field(default_factory=lambda: time.strftime("gan-%Y%m%d-%H%M%S-") + secrets.token_hex(3))
 
 
-class GanConfig(_Section):
+class GanConfig(Section):
     data: DataConfig
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=lambda: ARCHITECTURES[DEFAULT_ARCH].config())
     storage: StorageConfig = StorageConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -157,6 +143,14 @@ class GanConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = Field(default_factory=RunConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_arch(cls, tree: Any) -> Any:
+        model = tree.get("model") if isinstance(tree, dict) else None
+        if isinstance(model, dict) and "arch" not in model:
+            return {**tree, "model": {"arch": DEFAULT_ARCH, **model}}
+        return tree
+
     @model_validator(mode="after")
     def _combinations(self) -> GanConfig:
         if self.train.batch_size % self.scaling.num_workers:
@@ -164,15 +158,15 @@ class GanConfig(_Section):
                 f"@train.batch_size@global batch {self.train.batch_size} is not divisible by "
                 f"scaling.num_workers={self.scaling.num_workers}"
             )
-        if self.loss.name == "wgan-gp" and self.model.d_norm == "batch":
+        if self.loss.name == "wgan-gp" and getattr(self.model, "d_norm", "none") == "batch":
             raise ValueError(
                 "@model.d_norm@wgan-gp's per-sample gradient penalty is invalid with BatchNorm in D; "
                 "set model.d_norm=none"
             )
-        if self.model.arch in ("dcgan", "resnet"):
-            r = self.data.resolution
-            if r & (r - 1) or not 32 <= r <= 256:
-                raise ValueError(f"@data.resolution@{self.model.arch} needs a power of two in 32..256, got {r}")
+        try:
+            self.model.check_resolution(self.data.resolution)
+        except ValueError as exc:
+            raise ValueError(f"@data.resolution@{self.model.arch} {exc}") from None
         if self.train.precision != "fp32" and not self.scaling.use_gpu:
             raise ValueError("@train.precision@mixed precision needs scaling.use_gpu=true")
         if self.train.sync_batchnorm and not self.scaling.use_gpu:
@@ -226,11 +220,17 @@ def _absolute_sqlite(uri: str) -> str:
 def _format_validation_error(exc: ValidationError) -> ConfigError:
     err = exc.errors()[0]
     msg = str(err["msg"])
-    key = ".".join(str(p) for p in err["loc"])
+    loc = list(err["loc"])
+    arch = loc.pop(1) if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in ARCHITECTURES else None
+    key = ".".join(str(p) for p in loc)
     if "@" in msg:  # our cross-field errors carry their own key: "...@key@message"
         _, key, msg = msg.split("@", 2)
+    elif err["type"] == "union_tag_invalid":
+        key, msg = "model.arch", f"unknown arch {err['input'].get('arch')!r}; choose one of {sorted(ARCHITECTURES)}"
     elif err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = f"unknown key for model.arch={arch}" if arch else "unknown key"
+    elif err["type"] == "value_error":  # our own validators' messages say what was wrong
+        msg = msg.removeprefix("Value error, ")
     elif err["type"] == "missing":
         msg = "required key is missing"
     else:

@@ -20,7 +20,8 @@ from gan_dist.config import ConfigError, GanConfig
 from gan_dist.data.shards import plan_data
 from gan_dist import storage
 from gan_dist.storage import pyarrow_filesystem
-from gan_dist.train.loop import NonFiniteLoss, stop_marker_url, train_worker
+from gan_dist.train.loop import train_worker
+from gan_dist.train.phases import NonFiniteLoss, stop_marker_url
 
 
 @dataclass

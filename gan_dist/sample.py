@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from gan_dist.data.images import image_grid, to_pil, to_uint8
-from gan_dist.train.checkpoint import load_generator
+from gan_dist.models.io import load_generator
 
 GRID_MAX = 64  # grid.png shows the first images only: a 10,000-image grid is no use to look at
 INTERPOLATION_ROWS = 8

@@ -13,11 +13,7 @@ import hashlib
 import http.client
 import io
 import os
-import random
 import shutil
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -26,15 +22,25 @@ from urllib.parse import urlparse
 import boto3
 import botocore.exceptions as bex
 import pyarrow.fs as pafs
+import urllib3
 from botocore.config import Config
+from pydantic import Field
 
-from gan_dist.config import StorageConfig
+from gan_dist.schema import Section
 
 DEFAULT_REGION = "us-east-1"
 _THROTTLING = {"Throttling", "ThrottlingException", "SlowDown", "RequestLimitExceeded", "TooManyRequestsException"}
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 _T = TypeVar("_T")
+
+
+class StorageConfig(Section):
+    """Object-store settings shared by data, checkpoints and artifacts. Credentials come from the environment."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores; default $AWS_ENDPOINT_URL")
+    region: str | None = Field(None, description="S3 region; default $AWS_REGION or us-east-1")
+    retries: int = Field(5, ge=0, le=50, description="Attempts on transient object-store errors")
 
 
 class StorageError(OSError):
@@ -117,24 +123,25 @@ def pyarrow_filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSyste
     return pafs.S3FileSystem(**options), f"{bucket}/{key}".rstrip("/")
 
 
-# ---- transient errors and retries -------------------------------------------------------------------
+# ---- errors, and the one retry layer -------------------------------------------------------------------
+# Retries come from the libraries: botocore's standard mode for every S3 call, urllib3's Retry for HTTP(S).
+# What they cannot do is continue a response body that broke half-way; ResumingReader does that, once per
+# break, through a request that is itself retried by the library.
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: connection problems, timeouts, truncated bodies, 5xx, 429 and throttling."""
+    """A dropped or timed-out connection (worth resuming), as opposed to a refusal or a bug."""
     if isinstance(exc, bex.ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or status == 429 or error.get("Code") in _THROTTLING
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code == 429
     return isinstance(
         exc,
         (
             bex.ConnectionError,  # includes endpoint, connect-timeout and read-timeout errors
             bex.ResponseStreamingError,
             bex.IncompleteReadError,
-            urllib.error.URLError,
+            urllib3.exceptions.HTTPError,  # protocol errors, read timeouts, exhausted retries
             http.client.HTTPException,
             ConnectionError,
             TimeoutError,
@@ -149,27 +156,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def backoff(attempt: int) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): exponential with full jitter, capped."""
-    return random.uniform(0, min(20.0, 0.25 * 2**attempt))
-
-
-def retry(fn: Callable[[], _T], *, what: str, retries: int) -> _T:
-    """``fn()``, retried up to ``retries`` times on transient errors; a ``StorageError`` naming ``what`` after."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except StorageError:
-            raise  # already final (e.g. botocore has retried it)
-        except Exception as exc:
-            if not is_transient(exc) or attempt == retries:
-                tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise StorageError(f"{what} failed{tries}: {_describe(exc)}") from None
-            time.sleep(backoff(attempt))
-            attempt += 1
-
-
 def _s3(what: str, fn: Callable[[], _T]) -> _T:
     """One boto3 call (botocore already retried transient errors with backoff); errors become StorageError."""
     try:
@@ -178,41 +164,59 @@ def _s3(what: str, fn: Callable[[], _T]) -> _T:
         raise StorageError(f"{what} failed: {_describe(exc)}") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _http_pool(retries: int, pid: int) -> urllib3.PoolManager:
+    # pid: a connection pool must not be shared across a fork (loader workers).
+    retry = urllib3.Retry(
+        total=retries, backoff_factor=0.25, backoff_max=20, status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None, raise_on_status=False,
+    )  # fmt: skip
+    return urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(connect=10, read=60))
+
+
+def _http(method: str, url: str, storage: StorageConfig, headers: dict[str, str] | None = None) -> Any:
+    """An HTTP response (body not yet read), retried by urllib3; transport failures become StorageError."""
+    try:
+        return _http_pool(storage.retries, os.getpid()).request(method, url, headers=headers, preload_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise StorageError(f"{method} {url} failed: {_describe(exc)}") from None
+
+
 # ---- streaming reads --------------------------------------------------------------------------------
 
 
 class ResumingReader(io.RawIOBase):
     """Reads a remote object front to back; a connection lost mid-body is resumed with a Range request.
 
-    ``open_at(offset)`` returns a response body positioned at ``offset``. Up to ``retries`` consecutive
-    failures are retried with backoff; a successful read resets the count, so long streams survive many blips.
+    ``open_at(offset)`` returns a response body positioned at ``offset`` (its request retried by the
+    library). A body that breaks after delivering data is reopened where it broke, as often as that
+    happens; one that breaks again before delivering anything means the store is not answering: that fails.
     """
 
-    def __init__(self, url: str, open_at: Callable[[int], Any], retries: int) -> None:
+    def __init__(self, url: str, open_at: Callable[[int], Any]) -> None:
         super().__init__()
-        self.url, self._open_at, self._retries = url, open_at, retries
+        self.url, self._open_at = url, open_at
         self._pos = 0
-        self._body: Any = retry(lambda: open_at(0), what=f"GET {url}", retries=retries)  # fail early: missing, denied
+        self._body: Any = open_at(0)  # fail early: missing, denied, unreachable
+        self._fresh = True  # no byte read from this body yet
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        what = f"reading {self.url} at byte {self._pos}"
-        data = retry(lambda: self._read(len(view)), what=what, retries=self._retries)
+        try:
+            data = self._body.read(len(view))
+        except Exception as exc:
+            self._drop_body()
+            if self._fresh or not is_transient(exc):
+                raise StorageError(f"reading {self.url} at byte {self._pos} failed: {_describe(exc)}") from None
+            self._body, self._fresh = self._open_at(self._pos), True  # resume where it broke
+            return self.readinto(buffer)  # the fresh body either delivers or fails above
         view[: len(data)] = data
         self._pos += len(data)
+        self._fresh = self._fresh and not data
         return len(data)
-
-    def _read(self, size: int) -> bytes:
-        if self._body is None:
-            self._body = self._open_at(self._pos)
-        try:
-            return self._body.read(size)
-        except BaseException:
-            self._drop_body()  # the connection is unusable: the next attempt reopens at self._pos
-            raise
 
     def _drop_body(self) -> None:
         if self._body is not None:
@@ -245,13 +249,13 @@ def _open_s3_at(url: str, storage: StorageConfig) -> Callable[[int], Any]:
     return open_at
 
 
-def _open_http_at(url: str) -> Callable[[int], Any]:
+def _open_http_at(url: str, storage: StorageConfig) -> Callable[[int], Any]:
     def open_at(offset: int) -> Any:
-        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-        response = urllib.request.urlopen(request, timeout=60)  # transient errors: retried by ResumingReader
-        if offset and response.status != 206:
-            response.close()
-            raise StorageError(f"GET {url}: the server ignored the Range request; cannot resume at byte {offset}")
+        response = _http("GET", url, storage, {"Range": f"bytes={offset}-"} if offset else None)
+        if response.status >= 400 or (offset and response.status != 206):
+            response.release_conn()
+            why = f"HTTP {response.status}" if response.status >= 400 else "the server ignored the Range request"
+            raise StorageError(f"GET {url} at byte {offset} failed: {why}")
         return response
 
     return open_at
@@ -264,10 +268,10 @@ def open_stream(url: str, storage: StorageConfig, bufsize: int = 1 << 20) -> Bin
     if is_s3(url):
         open_at = _open_s3_at(url, storage)
     elif is_http(url):
-        open_at = _open_http_at(url)
+        open_at = _open_http_at(url, storage)
     else:
         raise ValueError(f"{url}: unsupported URL scheme (use a local path, s3:// or http(s)://)")
-    return io.BufferedReader(ResumingReader(url, open_at, storage.retries), buffer_size=bufsize)
+    return io.BufferedReader(ResumingReader(url, open_at), buffer_size=bufsize)
 
 
 # ---- whole-object helpers ---------------------------------------------------------------------------
@@ -322,17 +326,10 @@ def exists(url: str, storage: StorageConfig) -> bool:
 
         return _s3(f"HEAD {url}", head_s3)
     if is_http(url):
-
-        def head_http() -> bool:
-            try:
-                urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60).close()
-                return True
-            except urllib.error.HTTPError as exc:
-                if exc.code == 404:
-                    return False
-                raise
-
-        return retry(head_http, what=f"HEAD {url}", retries=storage.retries)
+        status = _http("HEAD", url, storage).status
+        if status >= 400 and status != 404:
+            raise StorageError(f"HEAD {url} failed: HTTP {status}")
+        return status < 400
     _require_local(url)
     return Path(url).exists()
 

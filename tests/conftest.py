@@ -60,8 +60,8 @@ def job_tree(digits_shards, tmp_path) -> dict:
 @pytest.fixture(scope="session")
 def digits_classifier(digits_shards, tmp_path_factory) -> Path:
     """The offline feature extractor (a small CNN) trained briefly on the digits' labels."""
-    from gan_dist.config import StorageConfig
-    from gan_dist.metrics.features import train_classifier
+    from gan_dist.storage import StorageConfig
+    from gan_dist.metrics.classifier import train_classifier
 
     out = tmp_path_factory.mktemp("classifier") / "digits.pt"
     return train_classifier(str(digits_shards), StorageConfig(), 32, 1, out, steps=120, width=16)

@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from gan_dist.train.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from gan_dist.models.io import STATE_FILE, CheckpointError, read_state
+from gan_dist.train.checkpoint import save_checkpoint
 
 
 class Payload:
@@ -16,7 +17,7 @@ class Payload:
 def test_round_trip(tmp_path):
     state = {"g": {"w": torch.arange(3.0)}, "step": 5, "config": {"train": {"steps": 9}}}
     save_checkpoint(tmp_path, state)
-    loaded = load_checkpoint(tmp_path)
+    loaded = read_state(tmp_path)
     assert loaded["step"] == 5 and torch.equal(loaded["g"]["w"], torch.arange(3.0))
     assert "steps: 9" in (tmp_path / "config.yaml").read_text()
 
@@ -24,32 +25,33 @@ def test_round_trip(tmp_path):
 def test_pickled_object_is_refused(tmp_path):
     torch.save({"format_version": 1, "evil": Payload(), "config": {}}, tmp_path / STATE_FILE)
     with pytest.raises(CheckpointError, match="refusing"):
-        load_checkpoint(tmp_path)
+        read_state(tmp_path)
 
 
 def test_plain_pickle_is_refused(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(pickle.dumps(Payload()))
     with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path)
+        read_state(tmp_path)
 
 
 def test_unknown_format_version_is_a_clear_error(tmp_path):
     torch.save({"format_version": 99, "config": {}}, tmp_path / STATE_FILE)
     with pytest.raises(CheckpointError, match="format 99"):
-        load_checkpoint(tmp_path)
+        read_state(tmp_path)
 
 
 def test_missing_state_file(tmp_path):
     with pytest.raises(CheckpointError, match="no state.pt"):
-        load_checkpoint(tmp_path)
+        read_state(tmp_path)
 
 
 def test_rollback_snapshot_is_a_host_copy_that_restores_the_modules():
-    """The NaN rollback keeps ``_cpu_copy`` of the training state: it must survive further steps (state
+    """The NaN rollback keeps ``host_copy`` of the training state: it must survive further steps (state
     dicts alias the live tensors) and bring G, D and the optimizers back exactly."""
     from gan_dist.config import build_config
     from gan_dist.train.checkpoint import restore_modules, training_state
-    from gan_dist.train.loop import _cpu_copy, build_modules, parameter_digest
+    from gan_dist.train.modules import build_modules, parameter_digest
+    from gan_dist.train.phases import host_copy
     from gan_dist.train.step import discriminator_step, generator_step
 
     cfg = build_config({"data": {"url": "/unused"}, "model": {"g_width": 8, "d_width": 8, "z_dim": 16},
@@ -59,7 +61,7 @@ def test_rollback_snapshot_is_a_host_copy_that_restores_the_modules():
     real = torch.rand(4, 1, 32, 32) * 2 - 1
     discriminator_step(m, cfg, real, torch.randn(4, 16), 0, device)  # optimizer moments exist from here on
     generator_step(m, cfg, torch.randn(4, 16), 0, device)
-    snapshot = _cpu_copy({"step": 1, **training_state(m), "config": {}})
+    snapshot = host_copy({"step": 1, **training_state(m), "config": {}})
     digest, moments = parameter_digest(m), m.opt_d.state_dict()["state"][0]["exp_avg"].clone()
 
     for step in (1, 2):

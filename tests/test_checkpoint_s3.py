@@ -9,7 +9,7 @@ import ray.train
 from gan_dist.config import build_config
 from gan_dist.driver import run_training
 from gan_dist.storage import pyarrow_filesystem
-from gan_dist.train.checkpoint import load_checkpoint
+from gan_dist.models.io import read_state
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.ray
@@ -29,7 +29,7 @@ def _checkpoints(s3_server, bucket: str, prefix: str) -> dict[str, set[str]]:
 def _restore(cfg, uri: str) -> dict:
     fs, path = pyarrow_filesystem(uri, cfg.storage)
     with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as local:
-        return load_checkpoint(local)
+        return read_state(local)
 
 
 def test_s3_checkpoints_save_list_retain_and_restore(ray_session, s3_server, job_tree):

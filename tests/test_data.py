@@ -354,7 +354,7 @@ def test_loader_streams_over_http(digits: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert list_shards(base) == [f"{base}/shard-{i:06d}.tar" for i in range(4)]
+        assert list_shards(base, StorageConfig()) == [f"{base}/shard-{i:06d}.tar" for i in range(4)]
         expected = _take(build_loader(_cfg(digits, workers=1), rank=0, world_size=2), 3)
         for url in (base, base + "/shard-{000000..000003}.tar"):  # dataset prefix (manifest) and brace pattern
             got = _take(build_loader(_cfg(url, workers=1), rank=0, world_size=2), 3)
@@ -389,13 +389,13 @@ def test_check_sharding() -> None:
 
 
 def test_list_shards_patterns(digits: Path, tmp_path: Path) -> None:
-    from_dir = list_shards(str(digits))
+    from_dir = list_shards(str(digits), StorageConfig())
     assert from_dir == [str(digits / f"shard-{i:06d}.tar") for i in range(4)]
-    assert list_shards(f"{digits}/shard-{{000000..000003}}.tar") == from_dir
-    assert list_shards(from_dir[1]) == [from_dir[1]]
+    assert list_shards(f"{digits}/shard-{{000000..000003}}.tar", StorageConfig()) == from_dir
+    assert list_shards(from_dir[1], StorageConfig()) == [from_dir[1]]
     with pytest.raises(ValueError, match="1 of 5 shards do not exist"):
-        list_shards(f"{digits}/shard-{{000000..000004}}.tar")
+        list_shards(f"{digits}/shard-{{000000..000004}}.tar", StorageConfig())
     with pytest.raises(ValueError, match="no manifest.json or shard"):
-        list_shards(str(tmp_path))
+        list_shards(str(tmp_path), StorageConfig())
     with pytest.raises(ValueError, match="not a shard directory"):
-        list_shards(str(tmp_path / "missing"))
+        list_shards(str(tmp_path / "missing"), StorageConfig())

@@ -13,21 +13,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from gan_dist.config import EvalConfig, StorageConfig, build_config
+from gan_dist.config import EvalConfig, build_config
 from gan_dist.data.loader import to_float
-from gan_dist.evaluate import (
-    evaluate,
-    evaluate_generator_distributed,
-    extract_features,
-    gather_to_rank0,
-    read_images,
-    real_statistics,
-)
-from gan_dist.metrics import ClassifierExtractor, feature_statistics, frechet_distance, train_classifier
+from gan_dist.data.subset import read_images
+from gan_dist.evaluate import evaluate
+from gan_dist.metrics.classifier import ClassifierExtractor, train_classifier
+from gan_dist.metrics.runner import evaluate_generator_distributed, extract_features, gather_to_rank0, real_statistics
+from gan_dist.metrics.stats import feature_statistics, frechet_distance
 from gan_dist.models import build_generator
 from gan_dist.data.images import to_uint8
 from gan_dist.sample import slerp, write_samples
-from gan_dist.train.checkpoint import export_generator, load_generator, save_checkpoint
+from gan_dist.models.io import export_generator, load_generator
+from gan_dist.storage import StorageConfig
+from gan_dist.train.checkpoint import save_checkpoint
 from tests.conftest import TINY_MODEL
 
 METRICS = {"fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std"}
@@ -95,7 +93,7 @@ def test_evaluate_scores_a_generator_and_reuses_the_real_statistics(classifier, 
     def no_reading(*args, **kwargs):
         raise AssertionError("real images were read again instead of using the cache")
 
-    monkeypatch.setattr("gan_dist.evaluate.read_images", no_reading)
+    monkeypatch.setattr("gan_dist.metrics.runner.read_images", no_reading)
     again = evaluate(str(ckpt), str(digits_shards), cfg, StorageConfig(), 200, cache_dir=cache)
     assert again == pytest.approx(first, rel=1e-6)  # same fakes from the directory as from the export
     assert [p.name for p in cache.iterdir()] == [cached.name] and cached.stat().st_mtime_ns == stamp
@@ -170,7 +168,7 @@ def test_real_images_and_the_cache_on_s3(s3_server, s3_bucket, digits_shards, cl
     assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="run/")["Contents"]] == [
         f"run/eval-cache/{name}"
     ]
-    monkeypatch.setattr("gan_dist.evaluate.read_images", lambda *a, **k: pytest.fail("cache on S3 not used"))
+    monkeypatch.setattr("gan_dist.metrics.runner.read_images", lambda *a, **k: pytest.fail("cache on S3 not used"))
     again = real_statistics(url, storage, extractor, 32, 1, 300, cache, 100)
     torch.testing.assert_close(again.sigma, remote.sigma)
 

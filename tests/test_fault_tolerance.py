@@ -8,8 +8,8 @@ import torch
 
 from gan_dist.config import build_config
 from gan_dist.driver import run_training
-from gan_dist.train.checkpoint import export_generator, load_checkpoint, load_generator
-from gan_dist.train.loop import NonFiniteLoss
+from gan_dist.models.io import export_generator, load_generator, read_state
+from gan_dist.train.phases import NonFiniteLoss
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.ray
@@ -58,13 +58,13 @@ def test_killed_worker_resumes_bit_identical_and_exports(ray_session, job_tree, 
 
     # Bit-identical to the uninterrupted run: weights, EMA and optimizer state.
     assert crashed.metrics["param_digests"] == reference.metrics["param_digests"]
-    _assert_same_weights(load_checkpoint(crashed.checkpoint_path), load_checkpoint(reference.checkpoint_path))
+    _assert_same_weights(read_state(crashed.checkpoint_path), read_state(reference.checkpoint_path))
 
     # Retention: 2 newest checkpoints kept by Ray, every 10th archived for good.
     run_dir = Path(crashed.checkpoint_path).parent
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000000020", "step-000000024"]
     assert sorted(p.name for p in (run_dir / "archive").iterdir()) == ["step-000000010", "step-000000020"]
-    archived = load_checkpoint(run_dir / "archive" / "step-000000010")
+    archived = read_state(run_dir / "archive" / "step-000000010")
     assert archived["step"] == 10 and archived["data_batches"] == 10
 
     # Export: a generator-only file, loadable weights-only, that generates the right images.

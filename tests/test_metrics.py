@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from gan_dist.config import EvalConfig
-from gan_dist.metrics import (
-    FIDInceptionV3,
-    InceptionExtractor,
-    build_extractor,
+from gan_dist.metrics.inception import FIDInceptionV3, InceptionExtractor
+from gan_dist.metrics.runner import build_extractor
+from gan_dist.metrics.stats import (
     feature_statistics,
     frechet_distance,
     inception_score,

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from gan_dist.config import ModelConfig
+from gan_dist.models import model_config
 from gan_dist.models import build_discriminator, build_generator, dcgan, resnet
 
 Z_DIM = 16
 
 
-def _cfg(arch: str, **kw) -> ModelConfig:
-    return ModelConfig(**{"arch": arch, "g_width": 8, "d_width": 8, "z_dim": Z_DIM, **kw})
+def _cfg(arch: str, **kw):
+    return model_config({"arch": arch, "g_width": 8, "d_width": 8, "z_dim": Z_DIM, **kw})
 
 
 def _has_bn(module: nn.Module) -> bool:
@@ -96,8 +96,8 @@ def test_without_spectral_norm_weights_are_unbounded() -> None:
 
 def test_dcgan_init_statistics() -> None:
     torch.manual_seed(0)
-    g = build_generator(ModelConfig(arch="dcgan", z_dim=100), 64, 3)  # default width: big layers
-    d = build_discriminator(ModelConfig(arch="dcgan"), 64, 3)
+    g = build_generator(model_config({"arch": "dcgan", "z_dim": 100}), 64, 3)  # default width: big layers
+    d = build_discriminator(model_config({"arch": "dcgan"}), 64, 3)
     convs = [m for net in (g, d) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     big = [m.weight for m in convs if m.weight.numel() >= 100_000]
     assert len(big) >= 4
@@ -112,7 +112,7 @@ def test_dcgan_init_statistics() -> None:
 
 
 def test_dcgan_paper_channel_plan_at_64() -> None:
-    g = build_generator(ModelConfig(arch="dcgan"), 64, 3)
+    g = build_generator(model_config({"arch": "dcgan"}), 64, 3)
     outs = [m.out_channels for m in g.modules() if isinstance(m, nn.ConvTranspose2d)]
     assert outs == [512, 256, 128, 64, 3]
 

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from gan_dist.config import StorageConfig
+from gan_dist.storage import StorageConfig
 from gan_dist.data.prepare import prepare
 from tests.conftest import TINY_MODEL
 
@@ -98,7 +98,7 @@ def test_submitted_job_trains_across_two_nodes(two_node_cluster, s3_server, s3_d
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`gan_dist.run_name` = 'two-nodes'")
     # The two training workers ran on the two worker nodes (the head has no CPUs): counted from their node ids.
     assert run.data.params["cluster.num_nodes"] == "2" and run.data.params["cluster.world_size"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "d_loss")] == [5, 10, 15, 20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "losses/d")] == [5, 10, 15, 20]
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
 
 

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gan_dist.config import build_config
-from gan_dist.train.loop import build_modules, parameter_digest
-from gan_dist.train.step import bare, discriminator_step, ema_decay_at, generator_step, update_ema
+from gan_dist.train.modules import bare, build_modules, parameter_digest
+from gan_dist.train.step import discriminator_step, ema_decay_at, generator_step, update_ema
 
 
 def test_ema_update_rule_by_hand():
@@ -75,9 +75,9 @@ def _ddp_worker(rank, world, port, overrides, result_dir):
 @pytest.mark.parametrize(
     "overrides, expected_terms",
     [
-        (["loss.name=nonsaturating"], {"d_adv", "d_loss"}),
-        (["loss.name=wgan-gp", "model.d_norm=none", "loss.r1_gamma=1.0", "loss.r1_every=2"], {"d_gp", "d_r1"}),
-        (["loss.name=hinge", "model.arch=resnet", "model.g_width=8", "model.d_width=8"], {"d_adv"}),
+        (["loss.name=nonsaturating"], {"losses/d_adv", "losses/d"}),
+        (["loss.name=wgan-gp", "model.d_norm=none", "loss.r1_gamma=1.0", "loss.r1_every=2"], {"losses/d_gp", "losses/d_r1"}),
+        (["loss.name=hinge", "model.arch=resnet", "model.g_width=8", "model.d_width=8"], {"losses/d_adv"}),
     ],
     ids=["nonsaturating-bn", "wgan-gp+r1-double-backward", "hinge-resnet-sn"],
 )

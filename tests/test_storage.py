@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import pickle
 import socket
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
 from gan_dist import storage as st
-from gan_dist.config import StorageConfig
+from gan_dist.storage import StorageConfig
 
 
 @pytest.fixture
@@ -124,8 +126,18 @@ class _FlakyBody:
         pass
 
 
-def test_resuming_reader_continues_after_a_dropped_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(st, "backoff", lambda attempt: 0.0)
+class _BrokenBody:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read(self, n: int) -> bytes:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+def test_resuming_reader_continues_after_a_dropped_connection() -> None:
     data = os.urandom(100_000)
     opened: list[int] = []
 
@@ -133,13 +145,17 @@ def test_resuming_reader_continues_after_a_dropped_connection(monkeypatch: pytes
         opened.append(offset)
         return _FlakyBody(data[offset:], fail_after=30_000 if len(opened) < 3 else None)
 
-    reader = st.ResumingReader("s3://b/k", open_at, retries=1)
+    reader = st.ResumingReader("s3://b/k", open_at)
     assert reader.read() == data and opened == [0, 30_000, 60_000]
 
-    # Reopening works but every reopened body dies at once: no progress, so retries run out.
-    always_broken = st.ResumingReader("s3://b/k", lambda offset: _FlakyBody(data, fail_after=10 - offset), retries=2)
-    with pytest.raises(st.StorageError, match=r"reading s3://b/k at byte 10 failed after 3 attempts"):
+    # Reopening works but every reopened body dies at once: no progress after resuming, so it fails.
+    always_broken = st.ResumingReader("s3://b/k", lambda offset: _FlakyBody(data, fail_after=10 - offset))
+    with pytest.raises(st.StorageError, match=r"reading s3://b/k at byte 10 failed: ConnectionResetError"):
         always_broken.read()
+    # A refusal (not a dropped connection) is never resumed.
+    refused = st.ResumingReader("s3://b/k", lambda offset: _BrokenBody(PermissionError("denied")))
+    with pytest.raises(st.StorageError, match="PermissionError"):
+        refused.read()
 
 
 def test_transient_classification() -> None:
@@ -154,3 +170,45 @@ def test_transient_classification() -> None:
     assert not st.is_transient(client_error("NoSuchKey", 404))
     assert not st.is_transient(client_error("AccessDenied", 403))
     assert not st.is_transient(ValueError("bad"))
+
+
+class _UnreliableHandler(http.server.BaseHTTPRequestHandler):
+    """Answers the first GET with 503, the second by cutting the body off half-way, then serves Range GETs."""
+
+    payload = os.urandom(200_000)
+    requests: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.requests.append(self.headers.get("Range") or "full")
+        if len(self.requests) == 1:
+            self.send_error(503)
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if len(self.requests) == 2:
+            self.wfile.write(body[:70_000])  # then the connection drops
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_http_reads_retry_through_urllib3_and_resume_a_cut_body() -> None:
+    _UnreliableHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UnreliableHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/blob"
+        assert st.read_bytes(url, StorageConfig(retries=2)) == _UnreliableHandler.payload
+        first, second, resumed = _UnreliableHandler.requests  # 503, retried by urllib3; cut; resumed
+        assert first == second == "full" and 0 < int(resumed.removeprefix("bytes=").rstrip("-")) <= 70_000
+        _UnreliableHandler.requests = []
+        with pytest.raises(st.StorageError, match="HTTP 503"):
+            st.read_bytes(url, StorageConfig(retries=0))  # no retry left for the 503
+    finally:
+        server.shutdown()

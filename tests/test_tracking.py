@@ -21,14 +21,15 @@ from PIL import Image
 from gan_dist.config import build_config
 from gan_dist.driver import run_training
 from gan_dist.models import build_generator
-from gan_dist.redact import redact, redact_uri
-from gan_dist.tracking import DROPPED_TAG, MlflowTracker
-from gan_dist.tracking_info import CHECKPOINT_TAG, DATASET_SAMPLES_TAG, RUN_NAME_TAG, flatten
-from gan_dist.train.checkpoint import export_generator, load_checkpoint, save_checkpoint
+from gan_dist.tracking.redact import redact, redact_uri
+from gan_dist.tracking.tracker import DROPPED_TAG, MlflowTracker
+from gan_dist.tracking.info import CHECKPOINT_TAG, DATASET_SAMPLES_TAG, RUN_NAME_TAG, flatten
+from gan_dist.models.io import export_generator, read_state
+from gan_dist.train.checkpoint import save_checkpoint
 from tests.conftest import TINY_MODEL
 
 SECRET = "hunter2-do-not-log"
-TRACKING_LOG = "gan_dist.tracking"
+TRACKING_LOG = "gan_dist.tracking.tracker"
 
 
 def test_flatten():
@@ -147,7 +148,7 @@ def test_logged_generator_loads_and_generates(mlflow_server, job_tree, tmp_path)
             np.testing.assert_allclose(images, generator(torch.from_numpy(z)).numpy(), atol=1e-6)
     # No pickled code: the only flavor is pyfunc, loaded by gan_dist's weights-only loader.
     assert set(model.metadata.flavors) == {"python_function"}
-    assert model.metadata.flavors["python_function"]["loader_module"] == "gan_dist.tracking"
+    assert model.metadata.flavors["python_function"]["loader_module"] == "gan_dist.tracking.model"
     assert model.metadata.metadata["gan_dist"]["step"] == 6
     assert isinstance(model.get_raw_model(), torch.nn.Module)
     client = mlflow.MlflowClient(mlflow_server.uri)
@@ -238,7 +239,7 @@ def test_training_finishes_when_tracking_server_stops_mid_run(ray_session, mlflo
                 runs = client.search_runs(
                     [e.experiment_id for e in client.search_experiments()], f"tags.`{RUN_NAME_TAG}` = 'outage-e2e'"
                 )
-                if runs and client.get_metric_history(runs[0].info.run_id, "d_loss"):
+                if runs and client.get_metric_history(runs[0].info.run_id, "losses/d"):
                     mlflow_server.stop()
                     stopped.set()
                     return
@@ -255,6 +256,6 @@ def test_training_finishes_when_tracking_server_stops_mid_run(ray_session, mlflo
         mlflow_server.start()
     assert stopped.is_set()
     assert outcome.final_step == 400
-    assert load_checkpoint(outcome.checkpoint_path)["step"] == 400
-    history = client.get_metric_history(outcome.mlflow_run_id, "d_loss")
+    assert read_state(outcome.checkpoint_path)["step"] == 400
+    history = client.get_metric_history(outcome.mlflow_run_id, "losses/d")
     assert history and history[-1].step < 400  # the server went away while training was logging

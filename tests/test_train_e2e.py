@@ -7,7 +7,7 @@ import pytest
 
 from gan_dist.config import build_config
 from gan_dist.driver import run_training
-from gan_dist.train.checkpoint import load_checkpoint
+from gan_dist.models.io import read_state
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.ray
@@ -30,7 +30,7 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
     assert len(digests) == 2 and digests[0] == digests[1]
 
     # The checkpoint holds the whole state and the effective config.
-    state = load_checkpoint(first.checkpoint_path)
+    state = read_state(first.checkpoint_path)
     assert state["step"] == 6
     assert {"g", "d", "g_ema", "opt_g", "opt_d"} <= set(state)
     assert state["config"]["train"]["steps"] == 6 and state["config"]["run"]["name"] == "e2e-run"
@@ -42,13 +42,14 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
     run = client.get_run(first.mlflow_run_id)
     assert run.data.params["train.steps"] == "6"
     assert run.data.params["model.arch"] == "dcgan"
-    for key in ("d_loss", "g_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm", "lr_g", "images_per_sec",
-                "data_wait_fraction", "data_skipped"):
+    for key in ("losses/d", "losses/g", "discriminator/real", "discriminator/fake", "optim/d_grad_norm",
+                "optim/g_grad_norm", "optim/lr_g", "throughput/images_per_sec", "throughput/data_wait_fraction",
+                "throughput/data_skipped"):
         assert _history_steps(client, run.info.run_id, key) == [2, 4, 6], key
     # FID/KID computed across both workers against cached real statistics, logged at the eval step.
-    for key in ("eval/fid", "eval/kid_mean", "eval/is_mean"):
+    for key in ("quality/fid", "quality/kid_mean", "quality/is_mean"):
         assert _history_steps(client, run.info.run_id, key) == [6], key
-    assert client.get_metric_history(run.info.run_id, "eval/fid")[0].value > 0
+    assert client.get_metric_history(run.info.run_id, "quality/fid")[0].value > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -61,7 +62,7 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
     second = run_training(cfg2)
     assert second.final_step == 9
     assert second.mlflow_run_id == first.mlflow_run_id
-    assert _history_steps(client, run.info.run_id, "d_loss") == [2, 4, 6, 8, 9]
-    assert _history_steps(client, run.info.run_id, "eval/fid") == [6, 9]
+    assert _history_steps(client, run.info.run_id, "losses/d") == [2, 4, 6, 8, 9]
+    assert _history_steps(client, run.info.run_id, "quality/fid") == [6, 9]
     runs = client.search_runs([run.info.experiment_id])
     assert len(runs) == 1

@@ -20,13 +20,9 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
-    """uint8 [N, C, H, W] -> rows of ``nrow`` images (default: a square-ish grid) on black, ``pad`` pixels
-    apart: torchvision's layout, without importing torchvision, which costs seconds per process."""
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    canvas = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i, image in enumerate(images.cpu()):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        canvas[:, top : top + h, left : left + w] = image
-    return to_pil(canvas)
+    """uint8 [N, C, H, W] -> rows of ``nrow`` images (default: a square-ish grid) on black, ``pad`` pixels apart."""
+    from torchvision.utils import make_grid  # imported here: torchvision costs ~1 s, and only grids need it
+
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(images.cpu(), nrow=nrow, padding=pad)
+    return to_pil(grid[:1] if images.shape[1] == 1 else grid)  # make_grid repeats grey into 3 channels

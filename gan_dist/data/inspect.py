@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from gan_dist.config import StorageConfig
+from gan_dist.storage import StorageConfig
 from gan_dist.data.images import image_grid
 from gan_dist.data.loader import decode_image
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, read_manifest

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gan_dist.config import StorageConfig
+from gan_dist.storage import StorageConfig
 from gan_dist.storage import exists, join, read_bytes, write_bytes
 
 MANIFEST_NAME = "manifest.json"

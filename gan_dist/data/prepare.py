@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from gan_dist.config import StorageConfig
+from gan_dist.storage import StorageConfig
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SkippedInput, write_manifest
 from gan_dist.data.sources import Source, open_source
 from gan_dist.storage import delete, is_remote, is_s3, join, list_objects, upload_file

@@ -21,9 +21,9 @@ from braceexpand import braceexpand
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from gan_dist.config import GanConfig, StorageConfig
+from gan_dist.config import GanConfig
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, read_manifest
-from gan_dist.storage import is_remote, is_s3, join, list_objects, open_stream
+from gan_dist.storage import StorageConfig, is_remote, is_s3, join, list_objects, open_stream
 
 log = logging.getLogger("gan_dist.data")
 
@@ -57,9 +57,8 @@ def dataset_base(url: str) -> str:
     return _parent(url) if "{" in url or url.endswith(".tar") else url
 
 
-def list_shards(url: str, storage: StorageConfig | None = None) -> list[str]:
+def list_shards(url: str, storage: StorageConfig) -> list[str]:
     """Shard paths/URLs of a dataset directory or prefix (manifest order), a brace pattern, or a single .tar."""
-    storage = storage or StorageConfig()
     if "{" in url:
         shards = list(braceexpand(url))
         missing = [] if is_remote(url) else [s for s in shards if not Path(s).is_file()]

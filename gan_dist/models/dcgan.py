@@ -8,24 +8,28 @@ R/2 stage next to the image has ``width`` channels. At R=64 this is the paper's 
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from gan_dist.models.base import ClassicConfig, resolution_steps
+
 MAX_MULTIPLIER = 8
 
 
-def check_resolution(resolution: int) -> int:
-    """Number of 2x steps between 4x4 and ``resolution``; raise if the resolution is unsupported."""
-    if resolution & (resolution - 1) or not 32 <= resolution <= 256:
-        raise ValueError(f"resolution must be a power of two in 32..256, got {resolution}")
-    return resolution.bit_length() - 3  # log2(R) - 2
+class Config(ClassicConfig):
+    arch: Literal["dcgan"] = "dcgan"
+    d_norm: Literal["batch", "none"] = "batch"
+
+    def check_resolution(self, resolution: int) -> None:
+        resolution_steps(resolution)
 
 
 def stage_channels(width: int, resolution: int) -> list[int]:
     """Channels at sides 4, 8, ..., R/2 (G's order; D walks it backwards)."""
-    steps = check_resolution(resolution)
+    steps = resolution_steps(resolution)
     return [width * min(2 ** (steps - 1 - i), MAX_MULTIPLIER) for i in range(steps)]
 
 
@@ -87,3 +91,4 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).view(x.shape[0])
+

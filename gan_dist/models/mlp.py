@@ -7,12 +7,19 @@ mirror image in D. Works for any square resolution, but parameters grow with R^2
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from gan_dist.models.base import ClassicConfig
+
 _MULTIPLIERS = (4, 8, 16)
+
+
+class Config(ClassicConfig):
+    arch: Literal["mlp"] = "mlp"
 
 
 class Generator(nn.Module):
@@ -62,3 +69,4 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(1)
+

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import math
 from itertools import pairwise
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from gan_dist.models.dcgan import check_resolution
+from gan_dist.models.base import ClassicConfig, resolution_steps
 
 MAX_MULTIPLIER = 8
+
+
+class Config(ClassicConfig):
+    arch: Literal["resnet"] = "resnet"
+    d_spectral_norm: bool = True
+
+    def check_resolution(self, resolution: int) -> None:
+        resolution_steps(resolution)
 
 
 def _init(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> nn.Conv2d | nn.Linear:
@@ -77,7 +86,7 @@ class Generator(nn.Module):
 
     def __init__(self, z_dim: int, width: int, resolution: int, channels: int, batchnorm: bool = True) -> None:
         super().__init__()
-        steps = check_resolution(resolution)
+        steps = resolution_steps(resolution)
         chans = [width * min(2 ** (steps - i), MAX_MULTIPLIER) for i in range(steps + 1)]
         self.linear = _init(nn.Linear(z_dim, 4 * 4 * chans[0]))
         self.blocks = nn.Sequential(*(GBlock(a, b, batchnorm) for a, b in pairwise(chans)))
@@ -96,7 +105,7 @@ class Discriminator(nn.Module):
         self, width: int, resolution: int, channels: int, norm: str = "none", spectral_norm: bool = True
     ) -> None:
         super().__init__()
-        steps = check_resolution(resolution)
+        steps = resolution_steps(resolution)
         chans = [width * min(2**i, MAX_MULTIPLIER) for i in range(steps)]
         batchnorm = norm == "batch"
         blocks = [DBlock(channels, chans[0], batchnorm, spectral_norm, first=True)]
@@ -108,3 +117,4 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pool, as in SNGAN
         return self.linear(h).squeeze(1)
+

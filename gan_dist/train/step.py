@@ -14,35 +14,16 @@ same single ``backward()`` as the adversarial loss, so DDP reduces once per step
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from gan_dist.config import GanConfig
 from gan_dist.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from gan_dist.train.modules import GanModules, bare
 
 # Losses whose D output is a logit of "real": report D(x) as a probability, as the seeds do.
 PROBABILITY_LOSSES = ("minimax", "nonsaturating")
-
-
-@dataclass
-class GanModules:
-    """Everything a step mutates. ``g``/``d`` may be DDP-wrapped; ``g_ema`` never is."""
-
-    g: nn.Module
-    d: nn.Module
-    g_ema: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    scaler_g: torch.amp.GradScaler
-    scaler_d: torch.amp.GradScaler
-
-
-def bare(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def autocast_context(cfg: GanConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -83,29 +64,29 @@ def discriminator_step(
         fake_logits = m.d(fake)
         adv = discriminator_loss(loss_cfg.name, real_logits.float(), fake_logits.float())
     total = adv
-    terms = {"d_adv": adv.detach()}
+    terms = {"losses/d_adv": adv.detach()}
     if loss_cfg.name == "wgan-gp":
         gp = gradient_penalty(m.d, real, fake.float())
         total = total + loss_cfg.gp_weight * gp
-        terms["d_gp"] = gp.detach()
+        terms["losses/d_gp"] = gp.detach()
     if loss_cfg.r1_gamma > 0 and d_step_index % loss_cfg.r1_every == 0:
         # Lazy R1 (StyleGAN2): applied every k steps with weight scaled by k.
         r1 = r1_penalty(m.d, real)
         total = total + (loss_cfg.r1_gamma / 2) * loss_cfg.r1_every * r1
-        terms["d_r1"] = r1.detach()
+        terms["losses/d_r1"] = r1.detach()
     m.opt_d.zero_grad(set_to_none=True)
     m.scaler_d.scale(total).backward()
     m.scaler_d.unscale_(m.opt_d)
-    terms["d_grad_norm"] = _grad_norm(m.d)
+    terms["optim/d_grad_norm"] = _grad_norm(m.d)
     m.scaler_d.step(m.opt_d)
     m.scaler_d.update()
     if loss_cfg.name == "wgan":
         with torch.no_grad():
             for p in bare(m.d).parameters():
                 p.clamp_(-loss_cfg.clip, loss_cfg.clip)
-    terms["d_loss"] = total.detach()
-    terms["d_real"] = _score_mean(real_logits, loss_cfg.name)
-    terms["d_fake"] = _score_mean(fake_logits, loss_cfg.name)
+    terms["losses/d"] = total.detach()
+    terms["discriminator/real"] = _score_mean(real_logits, loss_cfg.name)
+    terms["discriminator/fake"] = _score_mean(fake_logits, loss_cfg.name)
     return terms
 
 
@@ -126,11 +107,11 @@ def generator_step(m: GanModules, cfg: GanConfig, z: Tensor, step: int, device: 
     m.scaler_g.step(m.opt_g)
     m.scaler_g.update()
     update_ema(m.g_ema, bare(m.g), ema_decay_at(step, cfg.train.ema_decay))
-    return {"g_loss": loss.detach(), "g_grad_norm": grad_norm}
+    return {"losses/g": loss.detach(), "optim/g_grad_norm": grad_norm}
 
 
 def _grad_norm(module: nn.Module) -> Tensor:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros((), device=next(module.parameters()).device)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads)

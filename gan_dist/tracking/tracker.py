@@ -28,10 +28,10 @@ from PIL import Image
 
 from gan_dist.config import GanConfig
 from gan_dist.data.manifest import Manifest, read_manifest
-from gan_dist.redact import redact, redact_uri
-from gan_dist.tracking_info import RUN_NAME_TAG, cluster_params, run_params, run_tags
-# _load_pyfunc is MLflow's loader hook: logged generator models name this module (tracking_model.LOADER_MODULE).
-from gan_dist.tracking_model import _load_pyfunc, log_generator_model  # noqa: F401
+from gan_dist.data.shards import dataset_base
+from gan_dist.tracking.redact import redact, redact_uri
+from gan_dist.tracking.info import RUN_NAME_TAG, cluster_params, run_params, run_tags
+from gan_dist.tracking.model import log_generator_model
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class MlflowTracker:
 
     def _read_manifest(self) -> Manifest | None:
         try:
-            return read_manifest(self._cfg.data.url)  # None for remote URLs: no tags then
+            return read_manifest(dataset_base(self._cfg.data.url), self._cfg.storage)
         except (OSError, ValueError) as exc:
             log.warning("dataset manifest of %s unreadable, not logged: %s", redact_uri(self._cfg.data.url), exc)
             return None

@@ -12,13 +12,13 @@ import torch
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from gan_dist.tracking_info import package_versions
-from gan_dist.train.checkpoint import load_generator
+from gan_dist.tracking.info import package_versions
+from gan_dist.models.io import load_generator
 
 GENERATOR_MODEL_NAME = "generator"
-# MLflow imports this module to load the model and calls its _load_pyfunc. Models already logged name
-# gan_dist.tracking (which re-exports _load_pyfunc); new ones name it too, so one path loads them all.
-LOADER_MODULE = "gan_dist.tracking"
+# MLflow imports this module to load the model and calls its _load_pyfunc. Models logged before tracking
+# became a package name gan_dist.tracking, whose __init__ re-exports _load_pyfunc from here.
+LOADER_MODULE = "gan_dist.tracking.model"
 
 
 def log_generator_model(generator_file: Path, run_id: str, experiment_id: str, register_as: str | None) -> str:

@@ -15,7 +15,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from gan_dist.config import GanConfig
 from gan_dist.data.manifest import Manifest
-from gan_dist.redact import redact_uri
+from gan_dist.tracking.redact import redact_uri
 
 RUN_NAME_TAG = "gan_dist.run_name"
 CHECKPOINT_TAG = "gan_dist.checkpoint_uri"
@@ -51,7 +51,7 @@ def git_commit() -> str | None:
     """$GAN_DIST_GIT_COMMIT, else HEAD of the checkout gan_dist runs from; None for an installed copy."""
     if commit := os.environ.get(GIT_COMMIT_ENV, "").strip():
         return commit
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():  # a wheel or Ray's shipped py_module: a parent repo is not ours
         return None
     try:

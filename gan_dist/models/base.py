@@ -1,0 +1,41 @@
+"""What every architecture shares: its config section's base, and the resolution rule of the conv nets.
+
+Each architecture module declares a ``Config`` (its own ``model.*`` keys, with ``arch`` as the tag) and
+``generator(cfg, resolution, channels)`` / ``discriminator(cfg, resolution, channels)`` builders; the
+registry in ``gan_dist.models`` collects them and the job config validates ``model`` against it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from gan_dist.schema import Section
+
+
+class ModelSection(Section):
+    """Keys every architecture has. Subclasses add theirs and narrow ``arch`` to one literal."""
+
+    arch: str
+    z_dim: int = Field(100, ge=1, description="Latent size")
+
+    def check_resolution(self, resolution: int) -> None:
+        """Raise ValueError when the architecture cannot build nets for ``resolution``."""
+
+
+def resolution_steps(resolution: int, lowest: int = 32, highest: int = 256) -> int:
+    """Number of 2x steps from 4x4 up to ``resolution``; ValueError unless a power of two in lowest..highest."""
+    if resolution & (resolution - 1) or not lowest <= resolution <= highest:
+        raise ValueError(f"needs a power of two in {lowest}..{highest}, got {resolution}")
+    return resolution.bit_length() - 3  # log2(R) - 2
+
+
+class ClassicConfig(ModelSection):
+    """Keys of the classic nets (mlp, dcgan, resnet): base widths and where normalisation goes."""
+
+    g_width: int = Field(64, ge=4, description="Base channel width of G (DCGAN/ResNet) or hidden size (MLP)")
+    d_width: int = Field(64, ge=4, description="Base channel width of D (DCGAN/ResNet) or hidden size (MLP)")
+    g_batchnorm: bool = True
+    d_norm: Literal["batch", "none"] = "none"
+    d_spectral_norm: bool = False

@@ -1,0 +1,297 @@
+"""The phases of the training loop after each step: what is logged, sampled, evaluated and checkpointed when,
+and what happens on a non-finite loss. Each is a small function of the worker's state (``Worker``).
+
+Decisions that need every rank (checkpoint, evaluation, rollback) depend only on values that are identical on
+all ranks (the step, and metrics averaged across ranks), so every rank takes the same branch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from gan_dist import storage
+from gan_dist.config import GanConfig
+from gan_dist.data.images import image_grid, to_uint8
+from gan_dist.data.loader import BatchIterator
+from gan_dist.metrics.extractors import FeatureExtractor
+from gan_dist.metrics.runner import RealStats, evaluate_generator_distributed
+from gan_dist.models.io import export_generator
+from gan_dist.storage import pyarrow_filesystem
+from gan_dist.tracking.tracker import Tracker
+from gan_dist.train.checkpoint import capture_rng, restore_modules, save_checkpoint, training_state
+from gan_dist.train.modules import GanModules, parameter_digest
+
+STOP_MARKER = "stopped.json"
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised on the driver when a run stopped on NaN/Inf losses."""
+
+
+class StopTraining(Exception):
+    """Raised on every rank (same step, same reason) when the run must end early."""
+
+
+def stop_marker_url(cfg: GanConfig) -> str:
+    """Where rank 0 records why a run stopped early (Ray's result only carries checkpointed metrics)."""
+    return storage.join(storage.join(cfg.checkpoint.storage, cfg.run.name), STOP_MARKER)
+
+
+def progress_logger() -> logging.Logger:
+    """Progress lines on stderr: Ray Train V2 echoes a worker's stdout twice, its stderr once."""
+    log = logging.getLogger("gan_dist.progress")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[gan_dist] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@dataclass
+class Window:
+    """Sums of the step terms since the last log, kept as tensors on the device: no host sync per step."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    data_wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():  # lazy terms (R1) appear on some steps only: count per key
+            self.sums[key] = self.sums.get(key, 0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.steps += 1
+
+    def means(self, world: int) -> dict[str, float]:
+        """Window means, averaged over ranks: one all-reduce (one host sync) per log interval."""
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k].float() / self.counts[k] for k in keys])
+        if world > 1:
+            dist.all_reduce(stacked)
+            stacked /= world
+        return dict(zip(keys, stacked.tolist()))
+
+
+@dataclass
+class Evaluation:
+    extractor: FeatureExtractor
+    real_stats: RealStats | None  # rank 0 only
+
+
+@dataclass
+class Worker:
+    """One rank's training state between steps."""
+
+    cfg: GanConfig
+    rank: int
+    world: int
+    device: torch.device
+    m: GanModules
+    noise: torch.Generator  # this rank's latent noise stream
+    data: BatchIterator
+    tracker: Tracker
+    fixed_z: torch.Tensor  # the sample grid's latents, the same all run long
+    evaluation: Evaluation | None
+    last_good: dict[str, Any]  # host copy of the state to roll back to
+    step: int = 0
+    data_batches: int = 0
+    skipped_before: int = 0  # samples skipped before this attempt's loader started
+    rollbacks: int = 0
+    window: Window = field(default_factory=Window)
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.train.steps
+
+
+def window_metrics(w: Worker) -> dict[str, float] | None:
+    """The window's means across ranks at log and checkpoint steps (identical on every rank), else None."""
+    if not (w.due(w.cfg.train.log_every) or w.due(w.cfg.checkpoint.every)):
+        return None
+    return w.window.means(w.world)
+
+
+def handle_nonfinite(w: Worker, metrics: dict[str, float]) -> bool:
+    """On NaN/Inf: roll back to the last good state (True: the caller skips this step's other phases), or
+    raise StopTraining when the config says stop or the rollbacks are used up."""
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if not bad:
+        return False
+    if w.cfg.train.nan_action == "stop" or w.rollbacks >= w.cfg.train.max_rollbacks:
+        raise StopTraining(f"non-finite {', '.join(bad)} at step {w.step}")
+    w.rollbacks += 1
+    restore_modules(w.m, w.last_good)
+    w.step = w.last_good["step"]
+    w.noise.manual_seed(w.cfg.train.seed * 100_003 + w.rank + 7919 * w.rollbacks)  # a different path
+    progress_logger().warning("non-finite %s: rolled back to step %d (%d)", bad, w.step, w.rollbacks)
+    w.window = Window()
+    return True
+
+
+def maybe_log(w: Worker, metrics: dict[str, float] | None) -> None:
+    """Metrics to MLflow (rank 0) and a progress line, every ``train.log_every`` steps."""
+    cfg = w.cfg
+    if metrics is None or not w.due(cfg.train.log_every):
+        return
+    elapsed = time.perf_counter() - w.window.start
+    metrics["throughput/images_per_sec"] = w.window.steps * cfg.train.n_critic * cfg.train.batch_size / elapsed
+    metrics["throughput/data_wait_fraction"] = w.window.data_wait / elapsed  # rank 0's share spent waiting
+    metrics["throughput/data_skipped"] = w.skipped_before + w.data.skipped  # rank 0's running total
+    metrics["optim/lr_g"] = w.m.opt_g.param_groups[0]["lr"]
+    metrics["optim/lr_d"] = w.m.opt_d.param_groups[0]["lr"]
+    metrics["optim/nan_rollbacks"] = w.rollbacks
+    if w.device.type == "cuda":
+        metrics["throughput/gpu_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 2**30
+    w.tracker.log_metrics(metrics, step=w.step)
+    if w.rank == 0:
+        eta = (cfg.train.steps - w.step) * elapsed / w.window.steps
+        progress_logger().info(
+            f"step {w.step}/{cfg.train.steps} | d_loss {metrics['losses/d']:.4f} g_loss {metrics['losses/g']:.4f} "
+            f"| D(x) {metrics['discriminator/real']:.3f} D(G(z)) {metrics['discriminator/fake']:.3f} "
+            f"| {metrics['throughput/images_per_sec']:.0f} img/s | ETA {_format_eta(eta)}"
+        )
+    w.window = Window()
+
+
+def _format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def sample_grid(g_ema: torch.nn.Module, z: torch.Tensor) -> Image.Image:
+    with torch.no_grad():
+        return image_grid(to_uint8(g_ema(z)))
+
+
+def maybe_sample(w: Worker) -> None:
+    """The fixed-noise EMA sample grid to MLflow (rank 0), every ``train.sample_every`` steps."""
+    if w.rank == 0 and w.due(w.cfg.train.sample_every):
+        w.tracker.log_image(sample_grid(w.m.g_ema, w.fixed_z), key="samples", step=w.step)
+
+
+def maybe_evaluate(w: Worker) -> None:
+    """FID/KID/IS of the EMA generator, sharded over every rank, every ``eval.every`` steps."""
+    cfg = w.cfg
+    if w.evaluation is None or not w.due(cfg.eval.every):
+        return
+    scores = evaluate_generator_distributed(
+        w.m.g_ema, cfg.model.z_dim, w.evaluation.extractor, w.evaluation.real_stats, cfg.eval.num_images,
+        cfg.eval.batch_size, w.rank, w.world, w.device, seed=cfg.train.seed,
+    )  # fmt: skip
+    if scores is not None:  # rank 0
+        w.tracker.log_metrics({f"quality/{k}": v for k, v in scores.items()}, step=w.step)
+        progress_logger().info("step %d | %s", w.step, " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+
+def maybe_checkpoint(w: Worker) -> None:
+    """Every ``checkpoint.every`` steps: the whole training state through Ray Train (rank 0's files)."""
+    if not w.due(w.cfg.checkpoint.every):
+        return
+    state = training_state(
+        w.m,
+        step=w.step,
+        data_batches=w.data_batches,
+        data_skipped=w.skipped_before + sum(all_gather(w.data.skipped, w.world)),
+        samples_seen=w.data_batches * w.cfg.train.batch_size,
+        rng=all_gather(capture_rng(w.noise), w.world),
+        mlflow_run_id=w.tracker.run_id,
+        config=w.cfg.model_dump(mode="json"),
+    )
+    w.last_good = host_copy(state)
+    report_checkpoint(state, w)
+
+
+def host_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot of ``state`` in host memory, for rolling back: state dicts alias the live parameters and
+    optimizer moments, and a copy kept on the GPU would double their memory there."""
+    return _to_cpu({k: v for k, v in state.items() if k != "config"})
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value  # ints, floats, strings: immutable
+
+
+def report_checkpoint(state: dict[str, Any], w: Worker) -> None:
+    """Every rank reports (Ray requires it); rank 0 attaches the checkpoint files."""
+    cfg, step = w.cfg, state["step"]
+    digests = all_gather(parameter_digest(w.m), w.world)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP replicas diverged at step {step}: parameter digests {digests}")
+    metrics = {
+        "step": step,
+        "rank_steps": all_gather(step, w.world),
+        "param_digests": digests,
+        "data_skipped": state["data_skipped"],
+        "mlflow_run_id": state["mlflow_run_id"] or "",
+    }
+    if w.rank != 0:
+        ray.train.report(metrics)
+        return
+    local = tempfile.mkdtemp(prefix="gan_dist_ckpt_")  # Ray deletes it once uploaded
+    save_checkpoint(local, state)
+    name = f"step-{step:09d}"
+    if cfg.checkpoint.keep_every and step % cfg.checkpoint.keep_every == 0:
+        _archive(local, cfg, name)
+    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.checkpoint.async_upload else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(local),
+        checkpoint_dir_name=name,
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
+
+
+def _archive(local_dir: str, cfg: GanConfig, name: str) -> None:
+    """Copy a checkpoint to ``<storage>/<run>/archive/<name>``, outside Ray's ``num_to_keep`` retention."""
+    fs, root = pyarrow_filesystem(cfg.checkpoint.storage, cfg.storage)
+    dest = f"{root.rstrip('/')}/{cfg.run.name}/archive/{name}"
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    fs.create_dir(dest, recursive=True)
+    pyarrow.fs.copy_files(local_dir, dest, destination_filesystem=fs)
+
+
+def log_final_generator(w: Worker) -> None:
+    """The final EMA generator as an MLflow model (optionally registered); bounded wait inside the tracker."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, training_state(w.m, step=w.step, config=w.cfg.model_dump(mode="json")))
+        exported = export_generator(tmp, f"{tmp}/generator.pt")
+        w.tracker.log_generator(exported, register_as=w.cfg.tracking.register_model)
+
+
+def record_stop(w: Worker, reason: str) -> None:
+    """Rank 0 leaves the reason where the driver looks for it after ``fit()``."""
+    progress_logger().error("stopping: %s", reason)
+    if w.rank == 0:
+        marker = {"step": w.step, "reason": reason, "mlflow_run_id": w.tracker.run_id}
+        storage.write_bytes(stop_marker_url(w.cfg), json.dumps(marker).encode(), w.cfg.storage)
