@@ -51,22 +51,21 @@ def gan_dist_step(
     ``prepare(modules)`` may change them (memory format, compilation) before the first step."""
     from gan_dist.data.loader import to_float
     from gan_dist.train.modules import build_modules
-    from gan_dist.train.step import discriminator_step, generator_step
+    from gan_dist.train.phases import Window
+    from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
     m = build_modules(cfg, device)  # DDP-wrapped iff more than one rank, exactly as in a worker
     if prepare is not None:
         prepare(m)
     noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 100_003)
-    batch, state = cfg.per_worker_batch(), {"step": 0, "sums": {}}
+    batch, state = cfg.per_worker_batch(), {"step": 0, "window": Window()}
 
     def step() -> None:
-        real = to_float(next(data), device) if data.__class__.__name__ == "BatchIterator" else next(data)
+        real = to_float(next(data).images, device) if data.__class__.__name__ == "BatchIterator" else next(data)
         z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
-        terms = discriminator_step(m, cfg, real, z, state["step"], device)
+        state["window"].add(discriminator_step(m, cfg, DiscriminatorBatch(real, z), state["step"]))
         z = torch.randn(batch, cfg.model.z_dim, device=device, generator=noise)
-        terms.update(generator_step(m, cfg, z, state["step"], device))
-        for key, value in terms.items():  # as the loop: detached tensors summed, read once per log window
-            state["sums"][key] = state["sums"].get(key, 0) + value
+        state["window"].add(generator_step(m, cfg, GeneratorBatch(z), state["step"]))  # summed as the loop does
         state["step"] += 1
 
     return step, m
@@ -79,7 +78,11 @@ def wrap_in_ddp(m: Any) -> None:
 def components(cfg: Any, m: Any) -> dict[str, Callable[[], None]]:
     """Pieces of gan_dist's step timed alone (on variant B's modules), to explain B against A."""
     from gan_dist.train.modules import bare
-    from gan_dist.train.step import _grad_norm, ema_decay_at, update_ema
+    from gan_dist.train.step import ema_decay_at, update_ema
+
+    def grad_norms() -> None:
+        for net in (m.d, m.g):
+            torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
 
     z = torch.randn(cfg.train.batch_size, cfg.model.z_dim)
 
@@ -90,7 +93,7 @@ def components(cfg: Any, m: Any) -> dict[str, Callable[[], None]]:
     return {
         "component: G forward under no_grad (D step's fakes)": g_forward,
         "component: EMA update": lambda: update_ema(m.g_ema, bare(m.g), ema_decay_at(100, cfg.train.ema_decay)),
-        "component: grad norms of D and G": lambda: (_grad_norm(m.d), _grad_norm(m.g)),
+        "component: grad norms of D and G": grad_norms,
     }
 
 

@@ -41,9 +41,10 @@ def cpu_used_since(before: dict[int, float], parent: int) -> float:
     return sum(now[pid] - cpu for pid, cpu in before.items() if pid in now)
 
 
-# Functions of gan_dist.train.loop whose calls are timed (name looked up in the loop module at call time),
-# plus ray.train.report: together they say where a logging/checkpoint step's extra time goes.
-SPANS = ("_report_checkpoint", "save_checkpoint", "training_state", "_cpu_copy", "_mean_across_ranks", "sample_grid")
+# Functions of gan_dist.train.phases whose calls are timed (looked up in the phases module at call time), the
+# log window's cross-rank mean, and ray.train.report: together they say where a logging/checkpoint step's
+# extra time goes.
+SPANS = ("report_checkpoint", "save_checkpoint", "training_state", "host_copy", "sample_grid")
 
 
 def _patch(owner: Any, name: str, wrap: Any) -> Any:
@@ -66,6 +67,7 @@ def timed_train_worker(config: dict[str, Any]) -> None:
     import torch
 
     import gan_dist.train.loop as loop
+    import gan_dist.train.phases as phases
 
     stamps: list[float] = []
     cpu: list[float] = []  # this process's CPU seconds (all its threads) at each stamp
@@ -100,7 +102,8 @@ def timed_train_worker(config: dict[str, Any]) -> None:
         return wrap
 
     patched = [(loop, "generator_step", _patch(loop, "generator_step", stamping))]
-    patched += [(loop, n, _patch(loop, n, timing(n))) for n in SPANS]
+    patched += [(phases, n, _patch(phases, n, timing(n))) for n in SPANS]
+    patched.append((phases.Window, "means", _patch(phases.Window, "means", timing("window.means"))))
     patched.append((ray.train, "report", _patch(ray.train, "report", timing("ray.train.report"))))
     import torch.distributed as dist
 

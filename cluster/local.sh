@@ -11,8 +11,13 @@
 #
 # After `start`, STATE/address holds the GCS address (for `gan-dist train --address`) and
 # STATE/dashboard the Job Submission address (for `gan-dist submit --address`).
-# Everything binds to 127.0.0.1. RAY_AUTH_MODE defaults to "disabled" here (a loopback-only cluster);
-# export RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN) to try token auth.
+# Nodes use 127.0.0.1 and the dashboard listens there only (Ray's gRPC servers listen on every interface; Ray
+# has no option against it). Ray's token authentication is always on: `start` writes a new random token (or
+# $RAY_AUTH_TOKEN if set) to STATE/auth_token (mode 0600), and every node and client reads it from there
+# (RAY_AUTH_TOKEN_PATH): `gan-dist submit --token-file STATE/auth_token`; for `ray` and `gan-dist train
+# --address`, export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=STATE/auth_token. Credentials for S3 and MLflow
+# come from the environment `start` and `add-worker` run in (the nodes' environment), never from jobs.
+# Ray's session files and logs go to STATE/ray/NODE (--temp-dir), apart from any other Ray on the host.
 set -euo pipefail
 
 cmd=${1:-}
@@ -28,7 +33,13 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+[ "$cmd" = start ] && mkdir -p "$state"
+[ -d "$state" ] && state=$(cd "$state" && pwd)  # Ray wants an absolute --temp-dir
+token_file=$state/auth_token given_token=${RAY_AUTH_TOKEN:-}
+# Every node (and the jobs it runs) reads the token from the file; RAY_AUTH_TOKEN would take precedence over
+# RAY_AUTH_TOKEN_PATH, so only `start` looks at it, to write it there.
+unset RAY_AUTH_TOKEN
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$token_file
 RAY=${RAY:-$(command -v ray)}
 PY=${PYTHON:-$(dirname "$RAY")/python}
 # Jobs' entrypoints ("python -m gan_dist ...") must find the Python environment this Ray runs from.
@@ -43,10 +54,19 @@ node_ports() {
     --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)"
 }
 
-# Start one node in its own session (so its whole process group can be stopped by pid) and record it.
+# A fresh token, 256 random bits as Ray's own generator makes them, readable by this user only.
+write_token() {
+  rm -f "$token_file"
+  (umask 077; if [ -n "$given_token" ]; then printf %s "$given_token"; else
+    "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")'; fi >"$token_file")
+}
+
+# Start one node in its own session (so its whole process group can be stopped by pid) and record it. Each node
+# has its own Ray temp dir, STATE/ray/NAME, as each machine of a real cluster has: nodes starting together in one
+# session dir race for the same socket names.
 launch() {
   local name=$1; shift
-  setsid "$RAY" start --block --node-ip-address=127.0.0.1 --disable-usage-stats "$@" \
+  setsid "$RAY" start --block --node-ip-address=127.0.0.1 --temp-dir="$state/ray/$name" --disable-usage-stats "$@" \
     >"$state/$name.log" 2>&1 &
   echo "$name $!" >>"$state/pids"
 }
@@ -80,18 +100,19 @@ start_worker() {
 
 case $cmd in
   start)
-    mkdir -p "$state"
     [ -s "$state/pids" ] && { echo "a cluster is already recorded in $state (stop it first)" >&2; exit 1; }
+    write_token
     port=$(free_port) dash=$(free_port)
     echo "127.0.0.1:$port" >"$state/address"
     echo "http://127.0.0.1:$dash" >"$state/dashboard"
     # shellcheck disable=SC2046
     launch head --head --port="$port" --num-cpus="$head_cpus" --include-dashboard=true \
-      --dashboard-host=127.0.0.1 --dashboard-port="$dash" $(node_ports)
+      --dashboard-host=127.0.0.1 --dashboard-port="$dash" --ray-client-server-port="$(free_port)" $(node_ports)
     wait_for_nodes  # workers started before the GCS answers can time out registering
     for k in $(seq 1 "$workers"); do start_worker "$k"; done
     wait_for_nodes $(seq 1 "$workers")
     echo "Ray cluster up: head $(cat "$state/address"), dashboard $(cat "$state/dashboard"), $workers workers"
+    echo "token auth on: token in $token_file (gan-dist --token-file $token_file); Ray logs in $state/ray/NODE"
     ;;
   add-worker)
     k=$(( $(grep -c '^worker-' "$state/pids" || true) + 1 ))
@@ -117,7 +138,7 @@ case $cmd in
     rm -f "$state/pids"
     ;;
   *)
-    sed -n '2,16p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
     ;;
 esac

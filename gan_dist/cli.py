@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gan_dist.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
@@ -34,6 +37,9 @@ def prepare(
     crop: str = typer.Option("center", help="center (square) or wide (StyleGAN's wide crop, letterboxed)"),
     labels_csv: Optional[str] = typer.Option(None, help="CSV of filename,label for a folder source"),
     processes: int = typer.Option(1, help="Processes writing shards in parallel"),
+    shuffle: bool = typer.Option(
+        True, "--shuffle/--no-shuffle", help="Write inputs in a seeded random order (every shard a random sample)"
+    ),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// OUT (default $AWS_ENDPOINT_URL)"),
 ) -> None:
     """Write WebDataset shards and a manifest from an image source."""
@@ -56,6 +62,7 @@ def prepare(
             crop=crop,
             labels_csv=labels_csv,
             processes=processes,
+            shuffle=shuffle,
             storage=StorageConfig(endpoint_url=endpoint_url),
         )
     except (ValueError, OSError) as exc:
@@ -95,8 +102,10 @@ def train(
         _fail("training stopped", str(exc), code=1)
     out.print(f"[green]done[/] at step {outcome.final_step}")
     out.print(f"checkpoint: {outcome.checkpoint_path}")
-    out.print(f"MLflow run: {outcome.mlflow_run_id} in {outcome.tracking_uri}")
-    out.print(f"view it:    mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    from gan_dist.tracking.redact import redact_uri
+
+    out.print(f"MLflow run: {outcome.mlflow_run_id} in {redact_uri(outcome.tracking_uri)}")
+    out.print(f"view it:    mlflow ui --backend-store-uri {redact_uri(outcome.tracking_uri)}")
 
 
 @app.command()
@@ -114,6 +123,20 @@ def export(
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+TOKEN_FILE_HELP = "File holding the cluster's token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+
+
+@contextmanager
+def _cluster_errors() -> Iterator[None]:
+    """An unreachable cluster, a missing or wrong token, an error answer: one line on stderr, exit code 2."""
+    from gan_dist.submit import ClusterError
+
+    try:
+        yield
+    except ClusterError as exc:
+        _fail("error", escape(str(exc)))
+
+
 @app.command()
 def submit(
     config: Path = typer.Argument(..., help="Job config YAML"),
@@ -121,39 +144,57 @@ def submit(
     address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
     job_id: Optional[str] = typer.Option(None, help="Submission id (default: generated)"),
     follow: bool = typer.Option(False, "--follow", help="Stream logs until the job ends; exit code = job result"),
+    token_file: Optional[Path] = typer.Option(None, help=TOKEN_FILE_HELP),
+    forward_credentials: bool = typer.Option(
+        False,
+        "--forward-credentials",
+        help="Also send the S3/MLflow credentials set here; Ray stores them in plain text (private clusters only)",
+    ),
 ) -> None:
-    """Submit a training job to a Ray cluster (Job Submission API); prints the job id."""
+    """Submit a training job to a Ray cluster (Job Submission API); prints the job id.
+
+    Credentials are not sent: the cluster's nodes have their own (docs/security.md)."""
     from gan_dist import submit as jobs
 
     try:
-        submitted, run_name = jobs.submit(config, overrides or [], address, job_id)
+        with _cluster_errors():
+            submitted, run_name = jobs.submit(config, overrides or [], address, job_id, token_file, forward_credentials)
     except (ConfigError, ValueError) as exc:
         _fail("config error", str(exc))
-    except ConnectionError as exc:
-        _fail("error", f"cannot reach the Ray cluster at {address}: {exc}")
     out.print(f"submitted job {submitted} (run {run_name})")
+    if credentials := jobs.credentials_in_environment():
+        err.print(jobs.credentials_notice(credentials, forward_credentials), highlight=False)
     if follow:
-        final = jobs.follow(submitted, address)
+        with _cluster_errors():
+            final = jobs.follow(submitted, address, token_file)
         out.print(f"job {submitted}: {final.value}")
         raise typer.Exit(0 if final.value == "SUCCEEDED" else 1)
 
 
 @app.command()
 def status(
-    job_id: str = typer.Argument(...), address: str = typer.Option(..., help="Ray dashboard address")
+    job_id: str = typer.Argument(...),
+    address: str = typer.Option(..., help="Ray dashboard address"),
+    token_file: Optional[Path] = typer.Option(None, help=TOKEN_FILE_HELP),
 ) -> None:
     """Print a submitted job's status."""
     from gan_dist import submit as jobs
 
-    out.print(jobs.status(job_id, address).value)
+    with _cluster_errors():
+        out.print(jobs.status(job_id, address, token_file).value)
 
 
 @app.command()
-def stop(job_id: str = typer.Argument(...), address: str = typer.Option(..., help="Ray dashboard address")) -> None:
+def stop(
+    job_id: str = typer.Argument(...),
+    address: str = typer.Option(..., help="Ray dashboard address"),
+    token_file: Optional[Path] = typer.Option(None, help=TOKEN_FILE_HELP),
+) -> None:
     """Stop a submitted job (its run can be continued later by name)."""
     from gan_dist import submit as jobs
 
-    out.print("stopped" if jobs.stop(job_id, address) else "not running")
+    with _cluster_errors():
+        out.print("stopped" if jobs.stop(job_id, address, token_file) else "not running")
 
 
 @app.command()
@@ -205,13 +246,19 @@ def sample(
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64),
     interpolate: int = typer.Option(0, help="Also write a latent interpolation strip with K frames per row"),
+    truncation_psi: float = typer.Option(1.0, "--truncation-psi", help="Truncation towards the mean style (stylegan2)"),
+    style_mix: int = typer.Option(0, help="Also write a K x K style-mixing grid (stylegan2)"),
+    classes: Optional[list[int]] = typer.Option(None, "--class", help="Class(es) to draw (conditional; repeatable)"),
 ) -> None:
-    """Write PNG samples and a grid (and an interpolation strip) from a generator."""
+    """Write PNG samples and a grid (interpolation strip, style mixing, class rows) from a generator."""
     from gan_dist.sample import write_samples
     from gan_dist.models.io import CheckpointError
 
     try:
-        paths = write_samples(source, num, out_dir, seed=seed, batch_size=batch_size, interpolate=interpolate)
+        paths = write_samples(
+            source, num, out_dir, seed=seed, batch_size=batch_size, interpolate=interpolate,
+            truncation_psi=truncation_psi, style_mix=style_mix, classes=classes or None,
+        )  # fmt: skip
     except (CheckpointError, ValueError, OSError) as exc:
         _fail("error", str(exc))
     out.print(f"wrote {len(paths)} files to {out_dir}")

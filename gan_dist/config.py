@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from gan_dist.augment import AUGMENTS
 from gan_dist.losses import LOSSES
 from gan_dist.models import ARCHITECTURES
 from gan_dist.schema import Section
@@ -60,9 +61,16 @@ class DataConfig(Section):
 class LossConfig(Section):
     name: str = Field("nonsaturating", description=f"One of {', '.join(LOSSES)}")
     gp_weight: float = Field(10.0, ge=0, description="WGAN-GP gradient-penalty weight (lambda)")
-    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight; 0 disables it")
+    r1_gamma: float | None = Field(
+        None, ge=0, description="R1 penalty weight; 0 disables it; unset: stylegan2 0.0002*R^2/batch, else 0"
+    )
     r1_every: int = Field(16, ge=1, description="Lazy R1: apply every k D steps, scaled by k")
     clip: float = Field(0.01, gt=0, description="WGAN weight-clipping bound")
+    pl_weight: float | None = Field(None, ge=0, description="Path-length penalty weight; unset: stylegan2 2, else 0")
+    pl_every: int = Field(4, ge=1, description="Lazy path length: every k G steps, scaled by k")
+    pl_decay: float = Field(0.01, gt=0, le=1, description="Decay of the running path length pl_mean")
+    pl_batch_shrink: int = Field(2, ge=1, description="The path-length batch is the per-rank batch / this")
+    ac_weight: float = Field(0.0, ge=0, description="AC-GAN auxiliary classification loss weight (conditional)")
 
     @field_validator("name")
     @classmethod
@@ -72,10 +80,43 @@ class LossConfig(Section):
         return name
 
 
+class ScheduleConfig(Section):
+    """A learning-rate schedule over optimizer steps (PyTorch's schedulers)."""
+
+    kind: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up over this many steps first")
+    step_every: int = Field(10_000, ge=1, description="step: multiply the rate by gamma every this many steps")
+    gamma: float = Field(0.5, gt=0, le=1, description="step: the factor")
+    min_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the final rate, as a fraction of the base rate")
+
+
 class OptimConfig(Section):
     g_lr: float = Field(2e-4, gt=0)
     d_lr: float = Field(2e-4, gt=0, description="Set apart from g_lr for TTUR")
     betas: tuple[float, float] = (0.5, 0.999)
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    g_schedule: ScheduleConfig = ScheduleConfig()
+    d_schedule: ScheduleConfig = ScheduleConfig()
+    g_clip_norm: float | None = Field(None, gt=0, description="Clip G's gradient norm to this (unset: no clipping)")
+    d_clip_norm: float | None = Field(None, gt=0, description="Clip D's gradient norm to this (unset: no clipping)")
+
+
+class AugmentConfig(Section):
+    """Differentiable augmentation of every image D sees (real and fake, D and G steps)."""
+
+    kind: str = Field("none", description=f"One of {', '.join(AUGMENTS)}")
+    policy: str = Field("color,translation,cutout", description="diffaug: the transforms, comma-separated")
+    target: float = Field(0.6, gt=0, lt=1, description="ada: target of r_t = E[sign(D(real))]")
+    p: float | None = Field(None, ge=0, le=1, description="ada: a fixed probability instead of adapting it")
+    interval: int = Field(4, ge=1, description="ada: D steps between adjustments of p")
+    speed_kimg: float = Field(500, gt=0, description="ada: thousands of images for p to go from 0 to 1")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in AUGMENTS:
+            raise ValueError(f"unknown augment '{kind}'; valid kinds: {', '.join(AUGMENTS)}")
+        return kind
 
 
 class TrainConfig(Section):
@@ -83,8 +124,15 @@ class TrainConfig(Section):
     steps: int = Field(1000, ge=1, description="Generator steps")
     seed: int = 0
     n_critic: int = Field(1, ge=1, description="D steps per G step")
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    accumulate: int = Field(1, ge=1, description="Micro-batches per step on each rank (gradient accumulation)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA-G decay per step (with warm-up)")
+    ema_kimg: float | None = Field(
+        None, gt=0, description="EMA-G half-life in thousands of images (StyleGAN2-ADA); overrides ema_decay"
+    )
+    ema_rampup: float | None = Field(None, gt=0, description="With ema_kimg: half-life at most this x images seen")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = Field(False, description="NHWC memory format for G, D and the image batches (GPU)")
+    compile: bool = Field(False, description="torch.compile the adversarial passes of G and D (not the penalties)")
     sync_batchnorm: bool = False
     log_every: int = Field(50, ge=1)
     sample_every: int = Field(500, ge=1, description="Steps between fixed-noise sample grids")
@@ -109,12 +157,18 @@ class CheckpointConfig(Section):
     keep_every: int | None = Field(None, ge=1, description="Also keep every checkpoint whose step is a multiple")
     async_upload: bool = Field(True, description="Upload checkpoints in the background while training goes on")
     resume_from: str | None = Field(None, description="Start from this checkpoint URI (e.g. to fine-tune)")
+    resume_mode: Literal["finetune", "continue"] = Field(
+        "finetune",
+        description="finetune: take G, D and EMA-G weights, start at step 0 on a fresh data stream; "
+        "continue: take the whole state (step, data position, optimizers, RNG)",
+    )
 
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0, description="Steps between FID/KID evaluations; 0 disables")
     num_images: int = Field(2000, ge=2, description="Real and generated images per evaluation")
     extractor: Literal["inception", "classifier"] = "inception"
+    per_class: int = Field(10, ge=0, description="Conditional models: intra-FID for up to this many classes")
     extractor_path: str | None = Field(None, description="Feature-network weights (path/URL); see README")
     batch_size: int = Field(100, ge=1)
 
@@ -136,6 +190,7 @@ class GanConfig(Section):
     storage: StorageConfig = StorageConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -158,20 +213,45 @@ class GanConfig(Section):
                 f"@train.batch_size@global batch {self.train.batch_size} is not divisible by "
                 f"scaling.num_workers={self.scaling.num_workers}"
             )
-        if self.loss.name == "wgan-gp" and getattr(self.model, "d_norm", "none") == "batch":
+        self._resolve_arch_defaults()
+        batch_norm_d = getattr(self.model, "d_norm", "none") == "batch"
+        if self.loss.name == "wgan-gp" and batch_norm_d:
             raise ValueError(
                 "@model.d_norm@wgan-gp's per-sample gradient penalty is invalid with BatchNorm in D; "
                 "set model.d_norm=none"
+            )
+        if self.loss.r1_gamma and batch_norm_d:
+            raise ValueError(
+                "@loss.r1_gamma@R1 needs each sample's own gradient, which BatchNorm in D mixes across the batch "
+                "(and SyncBatchNorm cannot double-backward); set model.d_norm=none or loss.r1_gamma=0"
+            )
+        if self.loss.pl_weight and not hasattr(self.model, "mapping_layers"):
+            raise ValueError("@loss.pl_weight@the path-length penalty needs a style-based G (model.arch=stylegan2)")
+        if self.loss.ac_weight and not self.model.conditional:
+            raise ValueError("@loss.ac_weight@the auxiliary classifier needs a conditional model (model.conditional=true)")
+        if self.loss.ac_weight and not ARCHITECTURES[self.model.arch].auxiliary_classifier:
+            raise ValueError(f"@loss.ac_weight@model.arch={self.model.arch} has no auxiliary classifier head")
+        if self.per_worker_batch() % self.train.accumulate:
+            raise ValueError(
+                f"@train.accumulate@the per-worker batch {self.per_worker_batch()} does not split into "
+                f"{self.train.accumulate} equal micro-batches"
             )
         try:
             self.model.check_resolution(self.data.resolution)
         except ValueError as exc:
             raise ValueError(f"@data.resolution@{self.model.arch} {exc}") from None
-        if self.train.precision != "fp32" and not self.scaling.use_gpu:
-            raise ValueError("@train.precision@mixed precision needs scaling.use_gpu=true")
         if self.train.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError("@train.sync_batchnorm@SyncBatchNorm needs scaling.use_gpu=true")
         return self
+
+    def _resolve_arch_defaults(self) -> None:
+        """Fill the keys whose default depends on the architecture, so the saved config says what ran."""
+        style_based = hasattr(self.model, "mapping_layers")
+        if self.loss.r1_gamma is None:  # StyleGAN2-ADA's heuristic: 0.0002 * resolution^2 / batch
+            r1 = 0.0002 * self.data.resolution**2 / self.train.batch_size if style_based else 0.0
+            object.__setattr__(self.loss, "r1_gamma", r1)  # no re-validation of the section mid-check
+        if self.loss.pl_weight is None:
+            object.__setattr__(self.loss, "pl_weight", 2.0 if style_based else 0.0)
 
     def per_worker_batch(self) -> int:
         return self.train.batch_size // self.scaling.num_workers

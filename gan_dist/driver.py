@@ -35,11 +35,26 @@ class TrainingOutcome:
 
 
 def preflight(cfg: GanConfig) -> None:
-    """Fail before Ray starts when the data cannot feed the configured worker group."""
+    """Fail before Ray starts when the data cannot feed the configured worker group or does not fit the model;
+    a conditional model takes its class count from the dataset's manifest unless the config sets it."""
     try:
-        plan_data(cfg, cfg.scaling.num_workers)
+        plan = plan_data(cfg, cfg.scaling.num_workers)
     except ValueError as exc:
         raise ConfigError("data.url", str(exc)) from None
+    if cfg.model.conditional:
+        check_classes(cfg, list(plan.class_names))
+
+
+def check_classes(cfg: GanConfig, names: list[str] | None) -> None:
+    """A conditional model needs a labelled dataset whose classes fit ``model.num_classes`` (set it if unset)."""
+    if not names:
+        raise ConfigError("model.conditional", f"{cfg.data.url} has no class labels (prepare a labelled source: "
+                          "class subfolders, --labels-csv, MNIST, sklearn:digits) or set model.conditional=false")
+    if cfg.model.num_classes is None:
+        cfg.model.num_classes = len(names)
+    elif len(names) > cfg.model.num_classes:
+        raise ConfigError("model.num_classes", f"{cfg.data.url} has {len(names)} classes ({', '.join(names[:5])}"
+                          f"{', ...' if len(names) > 5 else ''}), more than model.num_classes={cfg.model.num_classes}")
 
 
 def connect(address: str | None) -> None:

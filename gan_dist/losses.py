@@ -19,13 +19,13 @@ WGAN weight clipping and the gradient-penalty term are applied by the training l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSSES = ("minimax", "nonsaturating", "lsgan", "wgan", "wgan-gp", "hinge")
 
 _LossD = Callable[[Tensor, Tensor], Tensor]
 _LossG = Callable[[Tensor], Tensor]
@@ -62,6 +62,9 @@ _G_LOSSES: dict[str, _LossG] = {
 }
 
 
+LOSSES = tuple(_D_LOSSES)  # the registry the config validates ``loss.name`` against
+
+
 def _lookup(table: dict[str, Callable[..., Tensor]], name: str) -> Callable[..., Tensor]:
     try:
         return table[name]
@@ -88,23 +91,29 @@ def _input_gradient(discriminator: Callable[[Tensor], Tensor], x: Tensor) -> Ten
 
 
 def gradient_penalty(
-    discriminator: Callable[[Tensor], Tensor],
-    real: Tensor,
-    fake: Tensor,
-    generator: torch.Generator | None = None,
+    discriminator: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, eps: Tensor | None = None
 ) -> Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x D(x_hat)||_2 - 1)^2].
 
-    x_hat = eps * real + (1 - eps) * fake, eps ~ U[0, 1] per sample (from ``generator``, which must
-    live on real's device, if given). Computed in float32 with autocast off; differentiable w.r.t.
-    D's parameters. Multiply by the GP weight (lambda) outside.
+    x_hat = eps * real + (1 - eps) * fake with per-sample eps [N] ~ U[0, 1] (drawn here if not given).
+    Computed in float32 with autocast off; differentiable w.r.t. D's parameters. Multiply by the GP
+    weight (lambda) outside.
     """
     with torch.autocast(device_type=real.device.type, enabled=False):
         real, fake = real.detach().float(), fake.detach().float()
-        eps_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-        eps = torch.rand(eps_shape, device=real.device, generator=generator)
+        eps = torch.rand(real.shape[0], device=real.device) if eps is None else eps.to(real.device, torch.float32)
+        eps = eps.view(-1, *(1,) * (real.dim() - 1))
         grad = _input_gradient(discriminator, eps * real + (1 - eps) * fake)
         return (torch.linalg.vector_norm(grad, dim=1) - 1).square().mean()
+
+
+def path_lengths(images: Tensor, ws: Tensor) -> Tensor:
+    """Per-sample ||J_w^T y||_2 (Karras et al. 2020): J the Jacobian of the images w.r.t. the styles ``ws``
+    [N, num_ws, w_dim], y ~ N(0, I) / sqrt(H*W) image noise; averaged over the style layers as StyleGAN2
+    does. In the graph for a double backward; the penalty is E[(length - a)^2], a the running mean."""
+    noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+    (grads,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
+    return grads.float().square().sum(2).mean(1).sqrt()
 
 
 def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:

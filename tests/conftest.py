@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# Ray 2.60 turns token auth on for local clusters by default; tests say what they want explicitly.
+# Ray 2.60 turns token auth on for local clusters by default; tests say what they want explicitly. The in-process
+# instance of `ray_session` is private to this process (no dashboard, no job server) and runs without auth; the
+# multi-node cluster of test_multinode.py (cluster/local.sh) always runs with token auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
@@ -20,7 +22,7 @@ TINY_MODEL = ["model.g_width=8", "model.d_width=8", "model.z_dim=16"]
 def ray_session(tmp_path_factory):
     """One local Ray instance shared by every test that trains (started here, shut down here).
 
-    Yields the path of the chaos-drill file its workers watch (see gan_dist.train.loop._chaos_step)."""
+    Yields the path of the chaos-drill file its workers watch (see gan_dist.train.loop._fault_drill)."""
     import ray
 
     chaos = tmp_path_factory.mktemp("chaos") / "plan.json"  # armed by tests that kill a worker

@@ -52,21 +52,21 @@ def test_rollback_snapshot_is_a_host_copy_that_restores_the_modules():
     from gan_dist.train.checkpoint import restore_modules, training_state
     from gan_dist.train.modules import build_modules, parameter_digest
     from gan_dist.train.phases import host_copy
-    from gan_dist.train.step import discriminator_step, generator_step
+    from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
     cfg = build_config({"data": {"url": "/unused"}, "model": {"g_width": 8, "d_width": 8, "z_dim": 16},
                         "train": {"batch_size": 4}, "scaling": {"num_workers": 1}})  # fmt: skip
     device = torch.device("cpu")
     m = build_modules(cfg, device)
     real = torch.rand(4, 1, 32, 32) * 2 - 1
-    discriminator_step(m, cfg, real, torch.randn(4, 16), 0, device)  # optimizer moments exist from here on
-    generator_step(m, cfg, torch.randn(4, 16), 0, device)
+    discriminator_step(m, cfg, DiscriminatorBatch(real, torch.randn(4, 16)), 0)  # optimizer moments exist from here on
+    generator_step(m, cfg, GeneratorBatch(torch.randn(4, 16)), 0)
     snapshot = host_copy({"step": 1, **training_state(m), "config": {}})
     digest, moments = parameter_digest(m), m.opt_d.state_dict()["state"][0]["exp_avg"].clone()
 
     for step in (1, 2):
-        discriminator_step(m, cfg, real, torch.randn(4, 16), step, device)
-        generator_step(m, cfg, torch.randn(4, 16), step, device)
+        discriminator_step(m, cfg, DiscriminatorBatch(real, torch.randn(4, 16)), step)
+        generator_step(m, cfg, GeneratorBatch(torch.randn(4, 16)), step)
     assert parameter_digest(m) != digest  # training moved on; the snapshot must not have
 
     restore_modules(m, snapshot)

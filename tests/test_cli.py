@@ -38,10 +38,10 @@ def test_bad_config_is_one_clear_line_without_traceback(overrides, key):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_too_few_shards_for_the_worker_group(digits_shards):
-    proc = run_cli("train", "jobs/quickstart.yaml", "--set", f"data.url={digits_shards}",
-                   "--set", "scaling.num_workers=4", "--set", "data.loader_workers=2")
-    assert proc.returncode == 2 and "needs at least 8" in proc.stderr and "Traceback" not in proc.stderr
+def test_data_that_does_not_fit_the_config_is_refused_before_ray_starts(digits_shards):
+    proc = run_cli("train", "jobs/quickstart.yaml", "--set", f"data.url={digits_shards}", "--set", "data.channels=3")
+    assert proc.returncode == 2 and "holds grayscale (1 channel) images but data.channels=3" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_missing_config_file():

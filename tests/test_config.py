@@ -44,7 +44,13 @@ def test_arch_defaults_are_resolved_into_the_effective_config():
         (["loss.name=wgan-gp"], "model.d_norm"),  # dcgan's D defaults to BatchNorm
         (["data.resolution=48"], "data.resolution"),
         (["loss.name=bce"], "loss.name"),
-        (["train.precision=fp16"], "train.precision"),
+        (["loss.r1_gamma=1"], "loss.r1_gamma"),  # R1 with dcgan's BatchNorm D
+        (["loss.pl_weight=2"], "loss.pl_weight"),  # path length needs a style-based G
+        (["train.accumulate=3"], "train.accumulate"),
+        (["model.channel_base=512"], "model.channel_base"),  # a stylegan2 key on dcgan
+        (["model.arch=stylegan3"], "model.arch"),
+        (["augment.kind=mixup"], "augment.kind"),
+        (["optim.g_schedule.kind=linear"], "optim.g_schedule.kind"),
         (["trainsteps=3"], "trainsteps"),
     ],
 )
@@ -55,6 +61,18 @@ def test_bad_configs_name_the_key(overrides, key):
 def test_missing_data_url_is_reported():
     key, message = _error_key({})
     assert key == "data" and "missing" in message
+
+
+def test_misplaced_arch_keys_name_the_arch():
+    key, message = _error_key(BASE, ["model.arch=resnet", "model.mapping_layers=2"])
+    assert key == "model.mapping_layers" and "model.arch=resnet" in message
+
+
+def test_stylegan2_defaults_follow_stylegan2_ada():
+    cfg = build_config(BASE, ["model.arch=stylegan2", "data.resolution=256", "train.batch_size=64", "scaling.num_workers=8"])
+    assert cfg.loss.r1_gamma == pytest.approx(0.0002 * 256**2 / 64)  # the gamma heuristic
+    assert cfg.loss.pl_weight == 2.0 and cfg.model.style_mixing == 0.9 and cfg.model.mapping_layers == 8
+    assert build_config(BASE).loss.r1_gamma == 0.0 and build_config(BASE).loss.pl_weight == 0.0
 
 
 def test_wgan_gp_without_batchnorm_is_accepted():

@@ -7,9 +7,10 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,15 @@ from webdataset import TarWriter
 from gan_dist.config import GanConfig, StorageConfig, build_config
 from gan_dist.data import (
     MANIFEST_NAME,
+    Batch,
+    BatchIterator,
+    DataPosition,
+    Layout,
     Manifest,
     ShardInfo,
-    assign_shards,
     build_loader,
-    check_sharding,
     list_shards,
+    plan_data,
     prepare,
     read_manifest,
     to_float,
@@ -61,9 +65,22 @@ def _tar_members(path: Path) -> list[str]:
         return tar.getnames()
 
 
-def write_dataset(root: Path, sizes: list[int], *, broken: frozenset[int] = frozenset()) -> Manifest:
-    """Shards of random grayscale PNGs (keys numbered across shards) plus a manifest; samples in ``broken``
-    hold a PNG cut in half, which PIL cannot decode."""
+def _tar_labels(path: Path) -> list[int]:
+    with tarfile.open(path) as tar:
+        return [int(tar.extractfile(n).read()) for n in tar.getnames() if n.endswith(".cls")]
+
+
+def write_dataset(
+    root: Path,
+    sizes: list[int],
+    *,
+    broken: frozenset[int] = frozenset(),
+    classes: list[str] | None = None,
+    label: Callable[[int], int] = lambda n: n % 10,
+) -> Manifest:
+    """Shards of random grayscale PNGs whose keys are their global ids (``cls`` = ``label(id)``) plus a manifest;
+    samples in ``broken`` hold a PNG cut in half, which PIL cannot decode. The manifest lists class names and
+    per-sample labels only with ``classes`` (else it is one written before labels were stored)."""
     resolution = 32  # data.resolution's default
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -75,12 +92,15 @@ def write_dataset(root: Path, sizes: list[int], *, broken: frozenset[int] = froz
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (resolution, resolution), dtype=np.uint8)).save(buf, "PNG")
                 png = buf.getvalue()
-                tar.write({"__key__": f"{n:09d}", "png": png[: len(png) // 2] if n in broken else png, "cls": n % 10})
+                tar.write({"__key__": f"{n:09d}", "png": png[: len(png) // 2] if n in broken else png, "cls": label(n)})
                 n += 1
         data = path.read_bytes()
+        labels = [label(i) for i in range(n - size, n)] if classes else None
         digest = hashlib.sha256(data).hexdigest()
-        infos.append(ShardInfo(name=path.name, num_samples=size, bytes=len(data), sha256=digest))
-    manifest = Manifest(num_samples=n, resolution=resolution, channels=1, image_format="png", shards=infos)
+        infos.append(ShardInfo(name=path.name, num_samples=size, bytes=len(data), sha256=digest, labels=labels))
+    manifest = Manifest(
+        num_samples=n, resolution=resolution, channels=1, image_format="png", shards=infos, labels=classes
+    )
     write_manifest(manifest, root)
     return manifest
 
@@ -94,31 +114,49 @@ def garble_member_header(shard: Path, member: int) -> None:
         f.write(np.random.default_rng(1).integers(0, 256, 512, dtype=np.uint8).tobytes())
 
 
-def _take(batches: Iterator[torch.Tensor], n: int) -> list[tuple[torch.Tensor, list[str]]]:
+def _take(batches: BatchIterator, n: int) -> list[tuple[Batch, list[str]]]:
     return [(next(batches), list(batches.keys)) for _ in range(n)]
+
+
+def _ids(taken: list[tuple[Batch, list[str]]]) -> list[int]:
+    """Global ids of the delivered images (``write_dataset`` keys are ids)."""
+    return [int(k.rsplit("/", 1)[1]) for _, keys in taken for k in keys]
+
+
+def _same(a: list[tuple[Batch, list[str]]], b: list[tuple[Batch, list[str]]]) -> bool:
+    return len(a) == len(b) and all(ka == kb and torch.equal(x.images, y.images) for (x, ka), (y, kb) in zip(a, b))
 
 
 # ---- prepare ---------------------------------------------------------------------------------------
 
 
-def test_prepare_digits_writes_shards_and_manifest(digits: Path) -> None:
+def test_prepare_digits_writes_shuffled_labelled_shards_and_manifest(digits: Path, tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
     m = read_manifest(digits)
     assert m is not None
     assert [s.name for s in m.shards] == [f"shard-{i:06d}.tar" for i in range(4)]
     assert [s.num_samples for s in m.shards] == [500, 500, 500, 297]
     assert m.num_samples == 1797 and m.labels == [str(d) for d in range(10)]
     assert (m.resolution, m.channels, m.image_format, m.skipped) == (32, 1, "png", [])
+    assert (m.settings["shuffle"], m.settings["seed"]) == (True, 0)
+    target = load_digits().target
+    assert m.class_counts == np.bincount(target).tolist()
     for s in m.shards:
         data = (digits / s.name).read_bytes()
         assert s.bytes == len(data) and s.sha256 == hashlib.sha256(data).hexdigest()
+        keys = [int(n.split(".")[0]) for n in _tar_members(digits / s.name) if n.endswith(".png")]
+        assert s.labels == _tar_labels(digits / s.name) == target[keys].tolist()  # keys name the source input
+        assert set(s.labels) == set(range(10)) and keys != sorted(keys)  # a random sample of the dataset
     assert sorted(p.name for p in digits.iterdir()) == [MANIFEST_NAME] + [s.name for s in m.shards]
-    names = _tar_members(digits / "shard-000003.tar")
-    assert names[:2] == ["000001500.cls", "000001500.png"] and len(names) == 2 * 297
     with tarfile.open(digits / "shard-000000.tar") as tar:
-        labels = {int(tar.extractfile(n).read()) for n in tar.getnames() if n.endswith(".cls")}
-        image = Image.open(io.BytesIO(tar.extractfile("000000000.png").read()))
-    assert labels == set(range(10))
+        image = Image.open(io.BytesIO(tar.extractfile(tar.getnames()[1]).read()))
     assert (image.mode, image.size) == ("L", (32, 32)) and np.array(image).max() > 200
+
+    ordered = prepare("sklearn:digits", str(tmp_path), resolution=8, channels=1, samples_per_shard=1000,
+                      shuffle=False, progress=False)  # fmt: skip
+    assert _tar_members(tmp_path / "shard-000001.tar")[:2] == ["000001000.cls", "000001000.png"]
+    assert ordered.shards[1].labels == target[1000:].tolist()
 
 
 def test_parallel_prepare_writes_the_same_shards(digits: Path, tmp_path: Path) -> None:
@@ -152,17 +190,9 @@ def test_folder_source_skips_bad_files_and_labels_from_folders(tmp_path: Path) -
     (src / "README.txt").write_text("not an image extension: ignored, not listed")
 
     out = tmp_path / "out"
-    m = prepare(
-        str(src),
-        str(out),
-        resolution=32,
-        channels=3,
-        samples_per_shard=5,
-        image_format="jpeg",
-        flip_duplicate=True,
-        progress=False,
-    )
-    assert m.labels == ["cats", "dogs"]
+    m = prepare(str(src), str(out), resolution=32, channels=3, samples_per_shard=5, image_format="jpeg",
+                flip_duplicate=True, shuffle=False, progress=False)  # fmt: skip
+    assert m.labels == ["cats", "dogs"] and m.class_counts == [12, 12]
     # 2 inputs (4 samples with their mirror images) per shard; the last pair holds only broken files: no shard.
     assert m.num_samples == 2 * 12 and [s.num_samples for s in m.shards] == [4, 4, 4, 2, 4, 4, 2]
     assert sorted(s.path for s in m.skipped) == ["cats/empty.png", "dogs/note.jpg", "dogs/truncated.png"]
@@ -170,10 +200,9 @@ def test_folder_source_skips_bad_files_and_labels_from_folders(tmp_path: Path) -
     names = [n for s in m.shards for n in _tar_members(out / s.name)]
     assert sum(n.endswith(".jpg") for n in names) == 24 and sum(n.endswith(".cls") for n in names) == 24
     assert sum(n.endswith("_mirror.jpg") for n in names) == 12
-    with tarfile.open(out / m.shards[-1].name) as tar:  # sorted paths: the last images are the dogs
-        assert tar.extractfile(tar.getnames()[0]).read() == b"1"
+    assert [s.labels for s in m.shards][-1] == [1, 1]  # source order: the sorted paths end with the dogs
     batch = next(build_loader(_cfg(out, batch=4, world=1, channels=3), rank=0, world_size=1))
-    assert batch.shape == (4, 3, 32, 32)
+    assert batch.images.shape == (4, 3, 32, 32) and batch.labels.dtype == torch.int64
 
 
 def test_labels_csv_and_wide_crop(tmp_path: Path) -> None:
@@ -204,115 +233,183 @@ def test_mnist_idx_source_is_stored_losslessly(tmp_path: Path) -> None:
     m = prepare(str(MNIST_DIR), str(tmp_path), resolution=28, channels=1, progress=False, processes=2)  # 28 px: exact
     assert m.num_samples == 10000 and len(m.shards) == 10 and m.labels == [str(d) for d in range(10)]
     raw = gzip.decompress((MNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes())
-    labels = gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    labels = np.frombuffer(gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8)
+    assert m.class_counts == np.bincount(labels).tolist()
     with tarfile.open(tmp_path / "shard-000009.tar") as tar:
-        stored = np.array(Image.open(io.BytesIO(tar.extractfile("000009999.png").read())))
-        label = int(tar.extractfile("000009999.cls").read())
-    expected = np.frombuffer(raw, np.uint8, offset=16).reshape(10000, 28, 28)[-1]
-    assert np.array_equal(stored, expected) and label == labels[-1]
+        key = tar.getnames()[-1].split(".")[0]  # the source index of the shard's last sample
+        stored = np.array(Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read())))
+        label = int(tar.extractfile(f"{key}.cls").read())
+    expected = np.frombuffer(raw, np.uint8, offset=16).reshape(10000, 28, 28)[int(key)]
+    assert np.array_equal(stored, expected) and label == labels[int(key)] == m.shards[9].labels[-1]
 
 
 def test_inspect_summarises_and_draws_a_grid(digits: Path, tmp_path: Path) -> None:
     text = inspect_dataset(str(digits), StorageConfig(), str(tmp_path / "grid.png"), num=16)
-    assert "1797 in 4 shards (297..500 per shard" in text and "10 classes" in text and "32x32" in text
+    assert "1797 in 4 shards (297..500 per shard" in text and "32x32" in text
+    assert "10 classes, 174..183 samples each" in text and "\n  0: 178\n" in text and "\n  9: 180\n" in text
     assert Image.open(tmp_path / "grid.png").size == (4 * 34 + 2, 4 * 34 + 2)  # 4x4 tiles, 2 px padding
 
 
 # ---- loader ----------------------------------------------------------------------------------------
 
 
-def test_loader_yields_uint8_batches_forever(digits: Path) -> None:
-    batches = build_loader(_cfg(digits), rank=0, world_size=2)
-    for _ in range(40):  # 28 batches of 32 per rank per epoch: 40 cross into epoch 1
-        batch = next(batches)
-        assert batch.shape == (32, 1, 32, 32) and batch.dtype == torch.uint8
+def test_loader_yields_labelled_uint8_batches_forever(digits: Path) -> None:
+    batches = build_loader(_cfg(digits, random_flip=True), rank=0, world_size=2)
+    for _ in range(30):  # 28 batches of 32 per rank per epoch: 30 cross into epoch 1
+        images, labels = next(batches)
+        assert images.shape == (32, 1, 32, 32) and images.dtype == torch.uint8
+        assert labels.shape == (32,) and labels.dtype == torch.int64 and 0 <= labels.min() <= labels.max() <= 9
     assert batches.skipped == 0 and len(batches.keys) == 32 and batches.keys[0].startswith("shard-00000")
-    x = to_float(batch, "cpu")
+    assert batches.position == DataPosition(30, (Layout(2, 1, 0),))  # in epoch 1, which one layout serves
+    x = to_float(images, "cpu")
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 and x.max() > 0.5
-
-
-def test_loader_is_deterministic_and_ranks_differ(digits: Path) -> None:
     first = next(build_loader(_cfg(digits, random_flip=True), rank=0, world_size=2))
     again = next(build_loader(_cfg(digits, random_flip=True), rank=0, world_size=2))
-    assert torch.equal(first, again)
-    # Two loader processes per rank: 2 ranks x 2 workers exactly uses the 4 shards.
-    rank0 = next(build_loader(_cfg(digits, workers=2), rank=0, world_size=2))
-    rank1 = next(build_loader(_cfg(digits, workers=2), rank=1, world_size=2))
-    assert rank0.shape == rank1.shape == (32, 1, 32, 32)
-    assert not torch.equal(rank0, rank1)
+    other = next(build_loader(_cfg(digits, random_flip=True), rank=1, world_size=2))
+    assert torch.equal(first.images, again.images) and not torch.equal(first.images, other.images)
 
 
 def test_loader_rejects_bad_configurations(digits: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.resolution=64"):
-        build_loader(_cfg(digits, resolution=64), rank=0, world_size=2)
-    with pytest.raises(ValueError, match="data.loader_workers=4"):
-        build_loader(_cfg(digits, workers=4), rank=0, world_size=2)
-    next(build_loader(_cfg(digits, workers=4, mode="resampled"), rank=0, world_size=2))  # any shard count
+        plan_data(_cfg(digits, resolution=64), 2)
+    with pytest.raises(ValueError, match=r"holds grayscale \(1 channel\) images but data.channels=3"):
+        plan_data(_cfg(digits, channels=3), 2)
+    with pytest.raises(ValueError, match="batch_size=64 .* not divisible by the world size 3"):
+        build_loader(_cfg(digits), rank=0, world_size=3)
+    with pytest.raises(ValueError, match="fewer than one global batch of 2048"):
+        plan_data(_cfg(digits, batch=2048), 2)
     (tmp_path / "shard-000000.tar").write_bytes((digits / "shard-000000.tar").read_bytes())
     with pytest.raises(ValueError, match="no manifest.json next to the shards"):
         build_loader(_cfg(tmp_path, world=1), rank=0, world_size=1)
 
 
-@pytest.mark.parametrize("mode", ["exact", "resampled"])
-def test_two_ranks_by_two_workers_over_uneven_shards(tmp_path: Path, mode: str) -> None:
-    sizes = [10, 30, 20, 50, 40]  # 150 samples: 18 batches of 4 per rank per epoch (global batch 8)
+def test_old_manifest_loads_and_class_balance_needs_labels(tmp_path: Path) -> None:
+    write_dataset(tmp_path, [40, 30])
+    old = json.loads((tmp_path / MANIFEST_NAME).read_text())  # as written before labels were stored
+    for shard in old["shards"]:
+        del shard["labels"]
+    del old["class_counts"]
+    old["labels"] = [str(d) for d in range(10)]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
+    assert read_manifest(tmp_path).shards[0].labels is None
+    batches = build_loader(_cfg(tmp_path, batch=8, world=1), rank=0, world_size=1)
+    assert next(batches).labels.tolist() == [int(k[-9:]) % 10 for k in batches.keys]  # from the shards' cls
+    with pytest.raises(ValueError, match="data.class_balance needs per-sample class labels"):
+        plan_data(_cfg(tmp_path, batch=8, world=1, class_balance=True), 1)
+
+
+def test_every_sample_once_per_epoch_over_fewer_shards_than_streams(tmp_path: Path) -> None:
+    sizes = [40, 70, 45]  # 155 samples in 3 shards for 2 ranks x 2 workers; global batch 8: 19 steps, 152 used
     write_dataset(tmp_path, sizes)
-    shard_of = {f"shard-{s:06d}.tar": s for s in range(len(sizes))}
-    per_epoch, epochs = 150 // 8, 2
-    seen = {}
-    for rank in (0, 1):
-        batches = build_loader(_cfg(tmp_path, workers=2, batch=8, mode=mode), rank=rank, world_size=2)
-        seen[rank] = _take(batches, per_epoch * epochs)
-    for epoch in range(epochs):
-        keys = {r: {k for _, ks in seen[r][epoch * per_epoch : (epoch + 1) * per_epoch] for k in ks} for r in (0, 1)}
-        if mode == "exact":
-            assert not keys[0] & keys[1]  # disjoint data within an epoch
-        for r in (0, 1):
-            for w in (0, 1):
-                got = [k for n in range(epoch * per_epoch + w, (epoch + 1) * per_epoch, 2) for k in seen[r][n][1]]
-                assert len(got) == (per_epoch // 2) * 4
-                if mode == "exact":  # the worker's own shards of this epoch, every sample once, wrapping if short
-                    mine = assign_shards(
-                        list(range(5)), rank=r, world_size=2, worker=w, num_workers=2, epoch=epoch, seed=7
-                    )
-                    assert {shard_of[k.split("/")[0]] for k in got} <= set(mine)
-                    assert len(set(got)) == min(len(got), sum(sizes[s] for s in mine))
+    steps = 155 // 8
+    taken = [_take(build_loader(_cfg(tmp_path, workers=2, batch=8), rank=r, world_size=2), 2 * steps) for r in (0, 1)]
+    left_out = []
+    for epoch in (0, 1):
+        ids = [i for r in (0, 1) for i in _ids(taken[r][epoch * steps : (epoch + 1) * steps])]
+        assert len(ids) == len(set(ids)) == steps * 8 and set(ids) <= set(range(155))
+        left_out.append(set(range(155)) - set(ids))
+    assert left_out[0] != left_out[1]  # the fewer-than-a-batch left out differ from epoch to epoch
+
+
+def test_world_size_changes_mid_epoch_deliver_the_rest_exactly_once(tmp_path: Path) -> None:
+    write_dataset(tmp_path, [40, 70, 45])  # global batch 12: 12 steps per epoch, 144 of 155 samples used
+    cfg = functools.partial(_cfg, tmp_path, batch=12, shuffle_buffer=10)
+    straight = [build_loader(cfg(workers=2), rank=r, world_size=2) for r in (0, 1)]
+    first = [_take(s, 4) for s in straight]
+    at_4 = straight[0].position
+    assert at_4 == straight[1].position and at_4.batches == 4
+    rest = [_take(s, 8) for s in straight]
+    epoch = set(_ids(first[0] + first[1] + rest[0] + rest[1]))
+    assert len(epoch) == 144
+    done = _ids(first[0] + first[1])
+
+    def resumed(position: DataPosition, world: int, workers: int, steps: int) -> tuple[list[int], DataPosition]:
+        loaders = [build_loader(cfg(workers=workers, world=world), r, world, position) for r in range(world)]
+        ids = [i for loader in loaders for i in _ids(_take(loader, steps))]
+        return ids, loaders[0].position
+
+    for world, workers in ((1, 1), (3, 0)):
+        ids, end = resumed(at_4, world, workers, 8)
+        assert len(done + ids) == 144 and set(done + ids) == epoch  # none twice, none missing
+        assert end == DataPosition(12, (Layout(world, max(1, workers), 0),))  # epoch 1 starts afresh
+    # Two changes in one epoch: 2 -> 3 at step 4, 3 -> 1 at step 7; and a same-world resume in between is exact.
+    ids_3, at_7 = resumed(at_4, 3, 0, 3)
+    assert [(x.world, x.start) for x in at_7.layouts] == [(2, 0), (3, 4)]
+    ids_1, _ = resumed(at_7, 1, 1, 5)
+    assert len(done + ids_3 + ids_1) == 144 and set(done + ids_3 + ids_1) == epoch
+    at_5 = DataPosition(5, at_7.layouts)
+    continued = _take(build_loader(cfg(world=3), 2, 3, at_4), 3)[1:]
+    assert _same(_take(build_loader(cfg(world=3), 2, 3, at_5), 2), continued)
 
 
 @pytest.mark.parametrize(("mode", "workers"), [("exact", 0), ("exact", 1), ("exact", 2), ("resampled", 2)])
 def test_resume_continues_the_exact_stream(digits: Path, mode: str, workers: int) -> None:
-    cfg = _cfg(digits, workers=workers, mode=mode, random_flip=True, shuffle_buffer=100)
-    skip, more = 29, 4  # 28 batches per epoch: resume inside epoch 1, on an odd batch number
-    straight = _take(build_loader(cfg, rank=1, world_size=2), skip + more)[skip:]
-    resumed = _take(build_loader(cfg, rank=1, world_size=2, start_batch=skip), more)
-    for (a, keys_a), (b, keys_b) in zip(straight, resumed, strict=True):
-        assert keys_a == keys_b and torch.equal(a, b)
+    # Global batch 66: 27 steps per epoch, odd, so the DataLoader worker that starts epoch 1 is not worker 0.
+    cfg = _cfg(digits, batch=66, workers=workers, mode=mode, random_flip=True, shuffle_buffer=100)
+    skip, more = 25, 5  # resume at an odd step of epoch 0 and cross into epoch 1
+    straight = build_loader(cfg, rank=1, world_size=2)
+    _take(straight, skip)
+    position = straight.position
+    expected = _take(straight, more)
+    resumed = build_loader(cfg, rank=1, world_size=2, position=DataPosition.from_state(position.to_state()))
+    assert _same(_take(resumed, more), expected)
 
 
-def _damaged(root: Path) -> int:
-    """4 shards of 16: shard 0 garbled at sample 5, one broken PNG in shard 1, shard 3 missing. Skips per epoch."""
-    write_dataset(root, [16, 16, 16, 16], broken=frozenset({20}))
+def _constant_images(src: Path, classes: int, per_class: int) -> None:
+    """32 px images whose every pixel is 20 x their class index, in a folder per class."""
+    for c in range(classes):
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (32, 32), 20 * c).save(src / f"class{c}" / f"{i}.png")
+
+
+def test_labels_line_up_with_images_through_shards_shuffle_and_resume(tmp_path: Path) -> None:
+    _constant_images(tmp_path / "src", classes=4, per_class=9)
+    prepare(str(tmp_path / "src"), str(tmp_path / "ds"), resolution=32, channels=1, samples_per_shard=5, progress=False)
+    cfg = functools.partial(_cfg, tmp_path / "ds", batch=8, shuffle_buffer=6, random_flip=True)
+    straight = build_loader(cfg(workers=1), rank=0, world_size=2)
+    batches = _take(straight, 3)
+    batches += _take(build_loader(cfg(world=1), rank=0, world_size=1, position=straight.position), 6)
+    for batch, _ in batches:
+        assert torch.equal(batch.images, (20 * batch.labels).to(torch.uint8).view(-1, 1, 1, 1).expand_as(batch.images))
+    assert {label for batch, _ in batches for label in batch.labels.tolist()} == {0, 1, 2, 3}
+
+
+def test_class_balance_draws_every_class_equally_often(tmp_path: Path) -> None:
+    write_dataset(tmp_path, [30, 30, 40], classes=["common", "rare"], label=lambda n: int(n >= 90))  # 90 / 10
+    batches = build_loader(_cfg(tmp_path, batch=10, world=1, class_balance=True), rank=0, world_size=1)
+    taken = _take(batches, 30)  # 3 epochs of 10 steps
+    labels = [label for batch, _ in taken for label in batch.labels.tolist()]
+    assert labels == [int(i >= 90) for i in _ids(taken)]  # each label is its image's
+    assert 0.4 < sum(labels) / len(labels) < 0.6  # uniform classes, not 90 / 10
+
+
+def _damaged(root: Path) -> set[int]:
+    """72 samples in shards of 16, 16, 16, 24: shard 0 garbled at sample 5, a broken PNG in shard 1 (id 20) and
+    shard 3 missing. Returns the deliverable ids: 5 + 15 + 16 = 36 (the other 36 are skipped every epoch)."""
+    write_dataset(root, [16, 16, 16, 24], broken=frozenset({20}), classes=[str(d) for d in range(10)])
     garble_member_header(root / "shard-000000.tar", member=10)  # members: cls, png per sample -> sample 5
     (root / "shard-000003.tar").unlink()
-    return (16 - 5) + 1 + 16
+    return set(range(5)) | (set(range(16, 32)) - {20}) | set(range(32, 48))
 
 
 def test_damaged_data_is_skipped_and_counted_once_per_epoch(tmp_path: Path) -> None:
-    per_epoch_skips = _damaged(tmp_path)
-    batches = build_loader(_cfg(tmp_path, batch=16, world=1, shuffle_buffer=0), rank=0, world_size=1)
-    epoch0 = _take(batches, 4)  # 64 samples promised: 4 batches of 16 per epoch
-    assert batches.skipped == per_epoch_skips
-    _take(batches, 4)
-    assert batches.skipped == 2 * per_epoch_skips
-    keys = [k for _, ks in epoch0 for k in ks]
-    assert "shard-000001.tar/000000020" not in keys  # the broken image's slot holds another image of its batch
-    assert all(b.shape == (16, 1, 32, 32) for b, _ in epoch0)
+    deliverable = _damaged(tmp_path)
+    # Global batch 8, one rank: 9 steps use all 72 samples each epoch. No shuffle buffer: the 24 missing
+    # samples are in a row, so whole batches have nothing deliverable and borrow the stream's next image.
+    batches = build_loader(_cfg(tmp_path, batch=8, world=1, workers=2, shuffle_buffer=0), rank=0, world_size=1)
+    for epoch in (1, 2):
+        taken = _take(batches, 9)
+        assert batches.skipped == epoch * 36
+        assert set(_ids(taken)) == deliverable  # every deliverable sample, filling the other slots
+        assert all(batch.images.shape == (8, 1, 32, 32) for batch, _ in taken)
+        assert all(batch.labels.tolist() == [int(k[-9:]) % 10 for k in keys] for batch, keys in taken)
 
 
 def test_decode_cache_keeps_the_stream_and_decodes_each_image_once(tmp_path: Path, monkeypatch) -> None:
-    per_epoch_skips = _damaged(tmp_path)  # damage too: fill-ins and skip counts must not change
-    settings = {"batch": 16, "world": 1, "shuffle_buffer": 10, "random_flip": True}
-    expected = _take(build_loader(_cfg(tmp_path, **settings), rank=0, world_size=1), 12)  # 3 epochs
+    _damaged(tmp_path)  # damage too: fill-ins and skip counts must not change
+    settings = {"batch": 8, "world": 1, "shuffle_buffer": 10, "random_flip": True}
+    expected = _take(build_loader(_cfg(tmp_path, **settings), rank=0, world_size=1), 27)  # 3 epochs
     decoded, decode = [], loader_module._pixels
 
     def counting_decode(sample, *args):
@@ -321,13 +418,11 @@ def test_decode_cache_keeps_the_stream_and_decodes_each_image_once(tmp_path: Pat
 
     monkeypatch.setattr(loader_module, "_pixels", counting_decode)
     cached = build_loader(_cfg(tmp_path, decode_cache_mb=1, **settings), rank=0, world_size=1)
-    got = _take(cached, 12)
-    assert [k for _, k in got] == [k for _, k in expected]
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, expected, strict=True))
-    assert cached.skipped == 3 * per_epoch_skips
-    # 5 readable samples of shard 0, 16 of shard 1 (one of them broken) and 16 of shard 2, each decoded once
-    # although each epoch meets them more than once (the worker wraps around its shards) and there are 3.
-    assert len(decoded) == len(set(decoded)) == 5 + 16 + 16
+    assert _same(_take(cached, 27), expected)
+    assert cached.skipped == 3 * 36
+    # The 37 samples that can be read (5 of shard 0, 16 of shard 1 with its broken one, 16 of shard 2): each
+    # decoded once in 3 epochs; later epochs do not read them again.
+    assert len(decoded) == len(set(decoded)) == 37
 
 
 def test_resume_over_damaged_data_is_exact_and_counts_from_there(tmp_path: Path) -> None:
@@ -335,13 +430,34 @@ def test_resume_over_damaged_data_is_exact_and_counts_from_there(tmp_path: Path)
     cfg = _cfg(tmp_path, batch=8, world=1, shuffle_buffer=10)
     straight = build_loader(cfg, rank=0, world_size=1)
     _take(straight, 5)
-    at_resume = straight.skipped
+    at_resume, position = straight.skipped, straight.position
     after = _take(straight, 6)
-    resumed = build_loader(cfg, rank=0, world_size=1, start_batch=5)
-    again = _take(resumed, 6)
-    assert [k for _, k in after] == [k for _, k in again]
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(after, again, strict=True))
+    resumed = build_loader(cfg, rank=0, world_size=1, position=position)
+    assert _same(_take(resumed, 6), after)
     assert resumed.skipped == straight.skipped - at_resume > 0
+
+
+def test_reads_the_data_once_per_epoch_and_only_what_is_owed_after_a_resume(tmp_path: Path, monkeypatch) -> None:
+    write_dataset(tmp_path, [20] * 8)  # global batch 16, one rank: 10 steps use all 160 samples
+    reads, read_shard = [], loader_module.read_shard
+
+    def counting_read(url, storage):
+        for sample in read_shard(url, storage):
+            reads.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(loader_module, "read_shard", counting_read)
+    cfg = _cfg(tmp_path, batch=16, world=1, shuffle_buffer=10)
+    straight = build_loader(cfg, rank=0, world_size=1)
+    _take(straight, 7)
+    position = straight.position
+    _take(straight, 3)
+    assert 160 <= len(reads) < 160 + 20  # the epoch once, plus the skipped head of the shard it starts inside
+    reads.clear()
+    _take(build_loader(cfg, rank=0, world_size=1, position=position), 3)
+    # The 48 samples still owed, plus the positions before the first of them in its shard, and the samples
+    # delivered before the resume that the shuffle buffer had left among them.
+    assert 48 <= len(reads) < 48 + 20 + 10
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -357,35 +473,10 @@ def test_loader_streams_over_http(digits: Path) -> None:
         assert list_shards(base, StorageConfig()) == [f"{base}/shard-{i:06d}.tar" for i in range(4)]
         expected = _take(build_loader(_cfg(digits, workers=1), rank=0, world_size=2), 3)
         for url in (base, base + "/shard-{000000..000003}.tar"):  # dataset prefix (manifest) and brace pattern
-            got = _take(build_loader(_cfg(url, workers=1), rank=0, world_size=2), 3)
-            assert all(ka == kb and torch.equal(a, b) for (a, ka), (b, kb) in zip(got, expected, strict=True))
+            assert _same(_take(build_loader(_cfg(url, workers=1), rank=0, world_size=2), 3), expected)
     finally:
         server.shutdown()
         server.server_close()
-
-
-def test_assign_shards_covers_disjointly_and_reshuffles_per_epoch() -> None:
-    shards = [f"s{i}" for i in range(10)]
-
-    def split(epoch: int, seed: int = 0) -> list[list[str]]:
-        return [
-            assign_shards(shards, rank=r, world_size=2, worker=w, num_workers=2, epoch=epoch, seed=seed)
-            for r in range(2)
-            for w in range(2)
-        ]
-
-    parts = split(0)
-    assert all(parts) and sorted(s for p in parts for s in p) == sorted(shards)
-    assert split(0) == parts
-    assert split(1) != parts and split(0, seed=1) != parts
-
-
-def test_check_sharding() -> None:
-    with pytest.raises(ValueError, match="scaling.num_workers=2.*data.loader_workers=2.*at least 4"):
-        check_sharding(3, world_size=2, loader_workers=2)
-    check_sharding(4, world_size=2, loader_workers=2)
-    check_sharding(2, world_size=2, loader_workers=0)  # in-process loading: one reader per rank
-    check_sharding(1, world_size=2, loader_workers=2, mode="resampled")
 
 
 def test_list_shards_patterns(digits: Path, tmp_path: Path) -> None:

@@ -168,6 +168,10 @@ def test_real_images_and_the_cache_on_s3(s3_server, s3_bucket, digits_shards, cl
     assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="run/")["Contents"]] == [
         f"run/eval-cache/{name}"
     ]
+    # A dataset prefix (listed through the manifest) on an endpoint given only in the job's storage settings.
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    by_prefix = real_statistics(f"s3://{s3_bucket}/digits", storage, extractor, 32, 1, 300, tmp_path / "p", 100)
+    torch.testing.assert_close(by_prefix.mu, local.mu)
     monkeypatch.setattr("gan_dist.metrics.runner.read_images", lambda *a, **k: pytest.fail("cache on S3 not used"))
     again = real_statistics(url, storage, extractor, 32, 1, 300, cache, 100)
     torch.testing.assert_close(again.sigma, remote.sigma)

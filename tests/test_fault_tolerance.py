@@ -1,8 +1,10 @@
 """Resume and recovery on a real Ray worker group: a killed worker, NaN losses, fine-tuning, export."""
 
 import json
+import math
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ RUN = TINY_MODEL + [
     "loss.name=hinge",
     "loss.r1_gamma=0.5",
     "loss.r1_every=3",
+    "model.d_norm=none",  # R1 needs per-sample gradients: no BatchNorm in D
 ]
 
 
@@ -75,15 +78,39 @@ def test_killed_worker_resumes_bit_identical_and_exports(ray_session, job_tree, 
     images = generator(torch.randn(5, meta["model"]["z_dim"]))
     assert images.shape == (5, 1, 32, 32) and images.abs().max() <= 1
 
-    # Fine-tune from that checkpoint into a new run name: starts at its step, in a new MLflow run.
-    tuned = run_training(
-        build_config(job_tree, RUN + ["run.name=tuned", "train.steps=26", f"checkpoint.resume_from={crashed.checkpoint_path}"])
+    # Fine-tune from that checkpoint into a new run name: its weights, but step 0, a fresh data stream and a
+    # new MLflow run. resume_mode=continue takes the whole state instead (step 24 on).
+    ckpt = f"checkpoint.resume_from={crashed.checkpoint_path}"
+    tuned = run_training(build_config(job_tree, RUN + ["run.name=tuned", "train.steps=4", ckpt]))
+    assert tuned.final_step == 4 and tuned.mlflow_run_id != crashed.mlflow_run_id
+    tuned_state = read_state(tuned.checkpoint_path)
+    assert tuned_state["data_batches"] == 4 and tuned_state["samples_seen"] == 4 * 16
+    continued = run_training(
+        build_config(job_tree, RUN + ["run.name=continued", "train.steps=26", ckpt, "checkpoint.resume_mode=continue"])
     )
-    assert tuned.final_step == 26
-    assert tuned.mlflow_run_id != crashed.mlflow_run_id
+    assert continued.final_step == 26 and read_state(continued.checkpoint_path)["data_batches"] == 26
 
 
-def test_non_finite_losses_roll_back_then_stop(ray_session, job_tree):
+def test_non_finite_parameters_roll_back_and_training_goes_on(ray_session, job_tree):
+    # Rank 1's D is poisoned with NaN after step 7; the check at step 8 rolls every rank back to the step-4
+    # checkpoint, and the run goes on, with other noise, to its last step.
+    ray_session.write_text(json.dumps({"run": "poisoned", "rank": 1, "step": 7, "fault": "nan"}))
+    overrides = TINY_MODEL + ["run.name=poisoned", "train.steps=12", "train.log_every=2", "checkpoint.every=4",
+                              "train.nan_action=rollback", "train.max_rollbacks=1", "train.max_failures=0"]  # fmt: skip
+    cfg = build_config(job_tree, overrides)
+    outcome = run_training(cfg)
+    assert not ray_session.exists(), "the drill never fired"
+    assert outcome.final_step == 12 and outcome.metrics["rank_steps"] == [12, 12]
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    rollbacks = client.get_metric_history(outcome.mlflow_run_id, "optim/nan_rollbacks")
+    assert [(m.step, m.value) for m in rollbacks][-1] == (12, 1.0)  # one rollback, then on to the end
+    losses = {m.step: m.value for m in client.get_metric_history(outcome.mlflow_run_id, "losses/d")}
+    assert all(math.isfinite(v) for v in losses.values()) and max(losses) == 12
+    final = read_state(outcome.checkpoint_path)
+    assert all(torch.isfinite(t).all() for t in final["d"].values() if t.is_floating_point())
+
+
+def test_non_finite_losses_stop_when_told_to(ray_session, job_tree):
     # An absurd learning rate drives D's logits to inf within a few steps, every time.
     overrides = TINY_MODEL + [
         "run.name=diverging",
@@ -92,8 +119,7 @@ def test_non_finite_losses_roll_back_then_stop(ray_session, job_tree):
         "train.steps=40",
         "train.log_every=2",
         "checkpoint.every=2",
-        "train.nan_action=rollback",
-        "train.max_rollbacks=1",
+        "train.nan_action=stop",
         "train.max_failures=0",
     ]
     with pytest.raises(NonFiniteLoss, match="non-finite"):

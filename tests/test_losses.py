@@ -158,11 +158,11 @@ def test_gradient_penalty_quadratic_critic_matches_finite_differences() -> None:
     a = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     critic = QuadraticCritic(a.float())
     real, fake = torch.randn(4, 3), torch.randn(4, 3)
-    gp = gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(7))
+    eps = torch.rand(4, generator=torch.Generator().manual_seed(7))
+    gp = gradient_penalty(critic, real, fake, eps=eps)
 
-    # Same eps as inside (same seeded generator), then gradients by central differences in float64.
-    eps = torch.rand(4, 1, generator=torch.Generator().manual_seed(7)).double()
-    x_hat = eps * real.double() + (1 - eps) * fake.double()
+    # The same interpolation, then gradients by central differences in float64.
+    x_hat = eps[:, None].double() * real.double() + (1 - eps[:, None].double()) * fake.double()
     h = 1e-5
     quad = lambda x: (x.square() * a).sum(dim=1)  # noqa: E731
     basis = torch.eye(3, dtype=torch.float64)
@@ -175,12 +175,15 @@ def test_gradient_penalty_quadratic_critic_matches_finite_differences() -> None:
     assert critic.a.grad.abs().sum() > 0
 
 
-def test_gradient_penalty_seeded_generator_is_reproducible() -> None:
+def test_gradient_penalty_draws_its_own_mixing_weights_from_the_global_rng() -> None:
     critic = QuadraticCritic(torch.tensor([1.0, 2.0, 3.0]))
     real, fake = torch.randn(8, 3), torch.randn(8, 3)
-    first = gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(1))
-    second = gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(1))
-    assert first.item() == second.item()
+    torch.manual_seed(1)
+    first = gradient_penalty(critic, real, fake)
+    torch.manual_seed(1)
+    assert gradient_penalty(critic, real, fake).item() == first.item()
+    eps = torch.rand(8, generator=torch.Generator().manual_seed(1))
+    assert gradient_penalty(critic, real, fake, eps=eps).item() != gradient_penalty(critic, real, fake, eps=1 - eps).item()
 
 
 def test_penalties_detach_inputs_and_ignore_autocast() -> None:

@@ -150,3 +150,54 @@ def test_conv_archs_reject_unsupported_resolution(arch: str, resolution: int) ->
         build_generator(_cfg(arch), resolution, 3)
     with pytest.raises(ValueError, match="power of two"):
         build_discriminator(_cfg(arch), resolution, 3)
+
+
+def _conditional(arch: str, **kw):
+    return _cfg(arch, conditional=True, num_classes=5, **kw)
+
+
+def test_projection_adds_the_class_embedding_dot_features_to_the_unconditional_logit() -> None:
+    """Miyato & Koyama's D(x, y) = psi(phi(x)) + <embed(y), phi(x)>, for resnet (pooled features) and dcgan
+    (the flattened last feature map its final convolution reads)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 3, 3, 1])
+    d = build_discriminator(_conditional("resnet", d_spectral_norm=False), 32, 1)
+    phi = torch.relu(d.blocks(x)).sum(dim=(2, 3))
+    expected = d.linear(phi).squeeze(1) + (d.critic.projection.embed.weight[y] * phi).sum(1)
+    torch.testing.assert_close(d(x, y), expected)
+    d = build_discriminator(_conditional("dcgan", d_norm="none"), 32, 1)
+    phi = d.net[:-1](x)
+    expected = d.net[-1](phi).view(4) + (d.critic.projection.embed.weight[y] * phi.flatten(1)).sum(1)
+    torch.testing.assert_close(d(x, y), expected)
+    assert not torch.allclose(d(x, y), d(x, (y + 1) % 5))  # the class changes the verdict
+
+
+def test_conditional_batchnorm_uses_the_class_scale_and_shift() -> None:
+    from gan_dist.models.conditioning import ConditionalBatchNorm
+
+    bn = ConditionalBatchNorm(3, num_classes=4)
+    with torch.no_grad():
+        bn.scale.weight.copy_(torch.arange(12.0).view(4, 3))
+        bn.shift.weight.copy_(-torch.arange(12.0).view(4, 3))
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 2, 1])
+    normed = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    expected = normed * bn.scale.weight[y][:, :, None, None] + bn.shift.weight[y][:, :, None, None]
+    torch.testing.assert_close(bn(x, y), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan", "resnet", "stylegan2"])
+def test_conditional_nets_need_labels_and_use_them(arch: str) -> None:
+    torch.manual_seed(0)
+    extra = {"channel_base": 256, "channel_max": 16, "w_dim": 16, "mapping_layers": 2} if arch == "stylegan2" else {}
+    cfg = _conditional(arch, **extra) if arch != "stylegan2" else model_config(
+        {"arch": arch, "z_dim": Z_DIM, "conditional": True, "num_classes": 5, **extra})
+    g, d = build_generator(cfg, 32, 1).eval(), build_discriminator(cfg, 32, 1)
+    z = torch.randn(3, Z_DIM)
+    with pytest.raises(ValueError, match="labels"):
+        g(z)
+    with torch.no_grad():  # at init every class has the same scale and shift; make them differ, as training does
+        for p in g.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    a, b = torch.tensor([0, 1, 2]), torch.tensor([4, 4, 4])
+    assert not torch.allclose(g(z, a), g(z, b))  # the class changes what G draws
+    assert d(g(z, a), a).shape == (3,)

@@ -1,15 +1,30 @@
-"""End to end on a real 2-node Ray cluster (cluster/local.sh: head with 0 CPUs + 2 worker nodes), with real
-SeaweedFS S3 and a real mlflow server: shards prepared to S3, jobs submitted through the Job Submission API,
-training across both nodes, checkpoints in S3, an MLflow run — and a worker node killed and replaced mid-run."""
+"""End to end on a real 2-node Ray cluster (cluster/local.sh: head with 0 CPUs + 2 worker nodes, token auth on), with
+real SeaweedFS S3 and a real mlflow server: shards prepared to S3, jobs submitted through the Job Submission API,
+training across both nodes, checkpoints in S3, an MLflow run — and a worker node killed and replaced mid-run.
+
+Security (docs/security.md): the nodes get the S3 credentials from their own environment (local.sh starts in this
+process's, which holds the session's S3 keys); `gan-dist submit` runs with the same keys in its environment, as users
+have them, and the secret must show in none of Ray's job records, actor list, job logs or session files. Without the
+cluster's token, or with a wrong one, the cluster refuses jobs."""
 
 import os
+import re
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import pytest
+import requests
+from ray._private.authentication.authentication_constants import (
+    AUTHORIZATION_BEARER_PREFIX,
+    AUTHORIZATION_HEADER_NAME,
+)
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from gan_dist.storage import StorageConfig
@@ -20,11 +35,30 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster/local.sh"
-GAN_DIST = str(Path(sys.executable).parent / "gan-dist")
+QUICKSTART = str(REPO / "jobs/quickstart.yaml")
+BIN = Path(sys.executable).parent
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+
+
+class LocalCluster(NamedTuple):
+    state: Path
+    dashboard: str
+
+    @property
+    def token_file(self) -> Path:
+        return self.state / "auth_token"
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        """Ray's HTTP auth header with this cluster's token, or with ``token``."""
+        return {AUTHORIZATION_HEADER_NAME: AUTHORIZATION_BEARER_PREFIX + (token or self.token_file.read_text())}
+
+    def client(self) -> JobSubmissionClient:
+        return JobSubmissionClient(self.dashboard, headers=self.auth())
 
 
 def _cluster(state: Path, *args: str, timeout: int = 600) -> str:
-    env = {**os.environ, "RAY": str(Path(sys.executable).parent / "ray"), "RAY_AUTH_MODE": "disabled"}
+    # The nodes' environment is this process's: it holds the session's S3 keys (fixtures_s3.pytest_configure).
+    env = {**os.environ, "RAY": str(BIN / "ray")}
     proc = subprocess.run(
         ["bash", str(LOCAL_SH), *args, "--state", str(state)], env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -32,9 +66,22 @@ def _cluster(state: Path, *args: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
+def _gan_dist(*args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """`gan-dist ARGS` with no token in its environment unless ``env`` gives one; wide, so errors stay one line."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env = {**base, "COLUMNS": "200", **env}
+    return subprocess.run([str(BIN / "gan-dist"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _job_id(proc: subprocess.CompletedProcess) -> str | None:
+    found = re.search(r"submitted job (\S+)", proc.stdout)
+    return found and found[1]
+
+
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("cluster")
+def two_node_cluster():
+    # A short path: Ray puts sockets in STATE/ray/NODE/session_*/sockets, and AF_UNIX paths end at 107 bytes.
+    state = Path(tempfile.mkdtemp(prefix="gd-", dir="/tmp"))
     try:
         for attempt in range(3):  # a port picked free can be taken by another process before a node binds it
             try:
@@ -44,9 +91,10 @@ def two_node_cluster(tmp_path_factory):
                 _cluster(state, "stop")
                 if attempt == 2:
                     raise
-        yield state, (state / "dashboard").read_text().strip()
+        yield LocalCluster(state, (state / "dashboard").read_text().strip())
     finally:
         _cluster(state, "stop")
+    shutil.rmtree(state)  # kept when the cluster did not start: its logs say why
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +129,53 @@ def _checkpoint_steps(s3_server, bucket, name):
     return sorted({k["Key"].split("/")[2] for k in listing.get("Contents", []) if k["Key"].endswith("/state.pt")})
 
 
-def test_submitted_job_trains_across_two_nodes(two_node_cluster, s3_server, s3_dataset, mlflow_server):
-    _, dashboard = two_node_cluster
-    args = [GAN_DIST, "submit", str(REPO / "jobs/quickstart.yaml"), "--address", dashboard, "--follow"]
-    args += _job_args(s3_dataset, s3_server, mlflow_server, "two-nodes") + ["--set", "train.steps=20"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+def _wait_until_done(client: JobSubmissionClient, job_id: str, timeout: float) -> JobStatus:
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in TERMINAL:
+        assert time.monotonic() < deadline, f"job {job_id} did not finish"
+        time.sleep(2)
+    return status
+
+
+def _what_ray_shows(cluster: LocalCluster, job_id: str) -> dict[str, str]:
+    """Everything Ray returns about a job to an API client holding the token."""
+    client = cluster.client()
+    actors = subprocess.run(
+        [str(BIN / "ray"), "list", "actors", "--detail", "--format", "json", "--address", cluster.dashboard],
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_file)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert actors.returncode == 0, actors.stderr
+    return {
+        "get_job_info": repr(client.get_job_info(job_id)),
+        "list_jobs": repr(client.list_jobs()),
+        "GET /api/jobs/": requests.get(f"{cluster.dashboard}/api/jobs/", headers=cluster.auth(), timeout=30).text,
+        "ray list actors --detail": actors.stdout,
+        "job logs": client.get_job_logs(job_id),
+    }
+
+
+def _files_containing(root: Path, text: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def two_node_job(two_node_cluster, s3_server, s3_dataset, mlflow_server):
+    """One job across both worker nodes, submitted as users do: the S3 keys in the submitter's environment."""
+    assert os.environ["AWS_SECRET_ACCESS_KEY"]
+    args = ["submit", QUICKSTART, "--address", two_node_cluster.dashboard, "--follow"]
+    args += ["--token-file", str(two_node_cluster.token_file)]
+    proc = _gan_dist(*args, *_job_args(s3_dataset, s3_server, mlflow_server, "two-nodes"), "--set", "train.steps=20")
+    return proc, _job_id(proc)
+
+
+def test_submitted_job_trains_across_two_nodes(two_node_job, s3_server, s3_dataset, mlflow_server):
+    proc, _ = two_node_job
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "SUCCEEDED" in proc.stdout
     assert "step 20/20" in proc.stdout  # rank 0's progress, streamed from the job's logs
+    assert "AWS_SECRET_ACCESS_KEY" in proc.stderr and "not sent" in proc.stderr  # the notice, naming it
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
-
 
     assert _checkpoint_steps(s3_server, s3_dataset, "two-nodes")[-1] == "step-000000020"
     client = mlflow.MlflowClient(mlflow_server.uri)
@@ -102,27 +187,85 @@ def test_submitted_job_trains_across_two_nodes(two_node_cluster, s3_server, s3_d
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
 
 
+def test_the_s3_secret_shows_nowhere(two_node_cluster, two_node_job, s3_server, s3_dataset, mlflow_server):
+    cluster, (proc, job_id) = two_node_cluster, two_node_job
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    shown = _what_ray_shows(cluster, job_id)
+    assert all(job_id in text for view, text in shown.items() if view != "job logs")
+    assert "step 20/20" in shown["job logs"]
+    assert cluster.client().get_job_info(job_id).runtime_env["env_vars"]["AWS_REGION"]  # the env a secret would be in
+    assert [view for view, text in shown.items() if secret in text] == []
+    assert list((cluster.state / "ray").glob("*/session_*/logs/runtime_env_agent.log")), "the session is where we look"
+    assert _files_containing(cluster.state, secret) == []  # Ray's session dir (logs, job packages), node logs
+    assert _files_containing(mlflow_server.root, secret) == []  # MLflow params, tags, artifacts
+    s3 = s3_server.client()
+    for obj in s3.list_objects_v2(Bucket=s3_dataset, Prefix="runs/two-nodes/")["Contents"]:  # checkpoints, config
+        assert secret.encode() not in s3.get_object(Bucket=s3_dataset, Key=obj["Key"])["Body"].read(), obj["Key"]
+
+
+def test_the_cluster_refuses_jobs_without_its_token(two_node_cluster, two_node_job, tmp_path):
+    cluster, (_, job_id) = two_node_cluster, two_node_job
+    job = {"entrypoint": "echo owned"}
+    assert requests.post(f"{cluster.dashboard}/api/jobs/", json=job, timeout=30).status_code == 401
+    wrong = cluster.auth("not-the-token")
+    assert requests.post(f"{cluster.dashboard}/api/jobs/", json=job, headers=wrong, timeout=30).status_code == 403
+    assert all(j.entrypoint != "echo owned" for j in cluster.client().list_jobs())
+
+    no_token = {"HOME": str(tmp_path)}  # and no RAY_AUTH_TOKEN*: Ray's lookup finds nothing
+    wrong_token = {"RAY_AUTH_TOKEN": "not-the-token"}
+    for env, says in [(no_token, "requires a token and none was found"), (wrong_token, "rejected the token")]:
+        proc = _gan_dist("submit", QUICKSTART, "--address", cluster.dashboard, **env)
+        assert proc.returncode == 2 and says in proc.stderr and "--token-file" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    # The token where Ray looks for it (RAY_AUTH_TOKEN_PATH) lets the same command in.
+    status = _gan_dist("status", job_id, "--address", cluster.dashboard, RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
+    assert status.stdout.strip() == "SUCCEEDED", status.stderr
+
+
+def test_forwarded_credentials_show_where_the_warning_says(two_node_cluster, s3_server, s3_dataset, mlflow_server):
+    cluster, canary = two_node_cluster, "canary-" + secrets.token_hex(8)
+    # A harmless credential to opt in with (the mlflow server asks for none); the S3 keys stay out of this job.
+    env = {"MLFLOW_TRACKING_PASSWORD": canary, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    args = ["submit", QUICKSTART, "--address", cluster.dashboard, "--token-file", str(cluster.token_file)]
+    args += ["--forward-credentials", *_job_args(s3_dataset, s3_server, mlflow_server, "forwarded")]
+    proc = _gan_dist(*args, **env)
+    assert proc.returncode == 0 and "--forward-credentials sent MLFLOW_TRACKING_PASSWORD" in proc.stderr, proc.stderr
+    assert canary not in proc.stdout + proc.stderr
+    job_id = _job_id(proc)
+    try:
+        deadline = time.monotonic() + 120
+        agent_logs = "ray/*/session_*/logs/runtime_env_agent*.log"  # STATE/ray/NODE: one temp dir per node
+        while not any(canary in log.read_text() for log in cluster.state.glob(agent_logs)):
+            assert time.monotonic() < deadline, "runtime_env_agent.log never showed the forwarded value"
+            time.sleep(1)
+        shown = _what_ray_shows(cluster, job_id)
+        warned_of = ("get_job_info", "GET /api/jobs/", "ray list actors --detail")
+        assert [view for view in warned_of if canary not in shown[view]] == []
+    finally:
+        stop = _gan_dist("stop", job_id, "--address", cluster.dashboard, "--token-file", str(cluster.token_file))
+        _wait_until_done(cluster.client(), job_id, timeout=120)
+    assert stop.returncode == 0 and stop.stdout.strip() in ("stopped", "not running"), stop.stderr
+
+
 def test_job_survives_losing_a_worker_node(two_node_cluster, s3_server, s3_dataset, mlflow_server):
-    state, dashboard = two_node_cluster
-    args = [GAN_DIST, "submit", str(REPO / "jobs/quickstart.yaml"), "--address", dashboard]
+    cluster = two_node_cluster
+    args = ["submit", QUICKSTART, "--address", cluster.dashboard]
     args += _job_args(s3_dataset, s3_server, mlflow_server, "node-loss")
     args += ["--set", "train.steps=400", "--set", "train.max_failures=3", "--set", "checkpoint.async_upload=false"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    proc = _gan_dist(*args, timeout=120, RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
     assert proc.returncode == 0, proc.stderr
-    job_id = proc.stdout.split("submitted job ")[1].split()[0]
+    job_id = _job_id(proc)
 
     deadline = time.monotonic() + 300
     while not _checkpoint_steps(s3_server, s3_dataset, "node-loss"):
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
-    _cluster(state, "remove-worker", "2")  # SIGKILL the whole node: raylet, workers, object store
-    _cluster(state, "add-worker", "--cpus-per-worker", "1")
+    _cluster(cluster.state, "remove-worker", "2")  # SIGKILL the whole node: raylet, workers, object store
+    _cluster(cluster.state, "add-worker", "--cpus-per-worker", "1")
 
-    client = JobSubmissionClient(dashboard)
-    deadline = time.monotonic() + 600
-    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(2)
+    client = cluster.client()
+    status = _wait_until_done(client, job_id, timeout=600)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "resumed run 'node-loss'" in logs

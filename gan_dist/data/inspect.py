@@ -23,17 +23,27 @@ def _summary(url: str, m: Manifest) -> list[str]:
         f"({min(sizes)}..{max(sizes)} per shard, {megabytes:.1f} MB)",
         f"images       {m.resolution}x{m.resolution}, {m.channels} channel(s), {m.image_format}",
     ]
-    if m.labels:
-        shown = ", ".join(m.labels[:10]) + (", ..." if len(m.labels) > 10 else "")
-        lines.append(f"labels       {len(m.labels)} classes: {shown}")
-    else:
-        lines.append("labels       none")
+    lines += _classes(m)
     lines.append(f"skipped      {len(m.skipped)} input(s) at prepare time")
     lines += [f"  {s.path}: {s.reason}" for s in m.skipped[:5]]
     if len(m.skipped) > 5:
         lines.append(f"  ... {len(m.skipped) - 5} more in {MANIFEST_NAME}")
     settings = ", ".join(f"{k}={v}" for k, v in m.settings.items() if k != "source")
     lines += [f"source       {m.settings.get('source', '?')}", f"settings     {settings}", f"created      {m.created}"]
+    return lines
+
+
+def _classes(m: Manifest, shown: int = 20) -> list[str]:
+    """Class names, with their sample counts when the manifest has them (prepared with per-sample labels)."""
+    if not m.labels:
+        return ["labels       none"]
+    if m.class_counts is None:
+        names = ", ".join(m.labels[:shown]) + (", ..." if len(m.labels) > shown else "")
+        return [f"labels       {len(m.labels)} classes: {names}"]
+    lines = [f"labels       {len(m.labels)} classes, {min(m.class_counts)}..{max(m.class_counts)} samples each"]
+    lines += [f"  {name}: {count}" for name, count in zip(m.labels[:shown], m.class_counts)]
+    if len(m.labels) > shown:
+        lines.append(f"  ... {len(m.labels) - shown} more in {MANIFEST_NAME}")
     return lines
 
 

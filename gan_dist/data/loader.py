@@ -1,26 +1,24 @@
-"""Per-rank streaming loader: endless uint8 batches, identical for identical (seed, epoch, rank, worker).
+"""Per-rank streaming loader: delivers the data plan (``gan_dist.data.plan``) as endless uint8 batches.
 
-The stream of a rank is numbered: batch ``n`` belongs to epoch ``n // batches_per_epoch`` and comes from
-loader worker ``n % W`` (DataLoader takes batches from its workers round-robin). Each worker knows, for
-every epoch, how many batches it owes and which samples make them:
+Rank ``r`` of ``W`` gets batches of ``B = G / W`` images. Its stream worker ``k`` of ``K`` (DataLoader worker
+processes, or one in-process stream when ``data.loader_workers=0``) serves the rank's batches ``n`` with
+``n % K == k``, counted from the start of the current layout's stretch; DataLoader takes batches from its
+workers round-robin, so DataLoader worker ``i`` plays the stream worker whose turn its ``i``-th batch is.
 
-- ``exact``: the epoch's shards are split disjointly across ranks x workers; a worker reads its shards in
-  order (wrapping around them if it owes more samples than they hold, stopping early if fewer).
-- ``resampled``: a worker draws shards with replacement from a seeded RNG until it has what it owes.
+A worker knows its block of ids and their emission order from the plan alone. It reads the block's shards
+in read order (from the first id it still owes; the positions before it are read, never decoded), keeps the
+samples read but not yet due (at most about ``data.shuffle_buffer`` of them), and emits them in the planned
+order. What is delivered is therefore a function of (seed, epoch, layouts, rank, worker) and the data, never
+of timing or of where a loader was (re)started.
 
-A sample's position in that stream does not depend on decoding: an undecodable image keeps its slot and is
-replaced by another image of the same batch. That is what makes resuming cheap and exact: ``start_batch``
-skips whole epochs by arithmetic and the rest by reading (not decoding) samples.
+Damage. An id whose sample cannot be delivered (undecodable image, missing label, a shard that is missing or
+ends early) keeps its slot: the batch fills it with another of its own images, or, when none of them is
+deliverable, with the stream's next deliverable image (which is still handed out in its own turn too): so
+what fills a slot depends on the data only, never on where a loader started. ``BatchIterator.skipped``
+counts such slots since the loader started: in exact mode each undeliverable used sample once per epoch.
 
-Skip counting: a sample the manifest promises but the worker cannot deliver (undecodable image, or lost in
-a damaged/missing shard) is counted once per epoch in which it is met. Re-reading a shard in the same epoch
-(exact-mode wrap-around, resampled redraws) does not count again; a part the epoch never reaches is not
-counted. ``BatchIterator.skipped`` is the rank's running total since the loader started (since
-``start_batch`` after a resume).
-
-Decode cache (``data.decode_cache_mb``): a worker memoises decoded images by (shard, key) up to its byte
-budget. Shards are still read, so the stream, its order and its skip counts are exactly those without it;
-only the decoding of an image met again in a later epoch is saved.
+Decode cache (``data.decode_cache_mb``): a worker keeps decoded images by global id up to its byte budget.
+Cached ids are not read again; the stream and its skip counts are exactly those without the cache.
 """
 
 from __future__ import annotations
@@ -28,21 +26,40 @@ from __future__ import annotations
 import io
 import itertools
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gan_dist.config import GanConfig
-from gan_dist.data.shards import DataPlan, assign_shards, check_sharding, list_shards, plan_data, read_shard
+from gan_dist.data.plan import DataPlan, DataPosition, Layout, resume_layouts, worker_batches
+from gan_dist.data.shards import plan_data, read_shard
 
-__all__ = ["BatchIterator", "build_loader", "check_sharding", "decode_image", "list_shards", "to_float"]
+__all__ = ["Batch", "BatchIterator", "build_loader", "decode_image", "to_float"]
 
 IMAGE_KEYS = ("png", "jpg", "jpeg")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 [B, C, R, R]
+    labels: torch.Tensor | None  # int64 [B] class indices, when the dataset is labelled
+
+
+class _Image(NamedTuple):
+    """A delivered sample: decoded pixels (CHW, read-only), its class and its name."""
+
+    id: int
+    pixels: np.ndarray
+    label: int | None
+    key: str  # "shard-000003.tar/000001500"
+
+
+_Slot = tuple[int, _Image | None]  # (epoch, image or None when undeliverable)
 
 
 def _pixels(sample: dict[str, Any], mode: str, resolution: int) -> np.ndarray | None:
@@ -71,186 +88,187 @@ def decode_image(sample: dict[str, Any], mode: str, resolution: int) -> torch.Te
     A decodable image of the wrong size is a configuration error, not damage: it raises ValueError.
     """
     pixels = _pixels(sample, mode, resolution)
-    return None if pixels is None else torch.from_numpy(np.ascontiguousarray(pixels))
+    return None if pixels is None else torch.from_numpy(pixels.copy())
 
 
-def _count_below(limit: int, worker: int, num_workers: int) -> int:
-    """How many batch numbers n in [0, limit) belong to ``worker`` (n % num_workers == worker)."""
-    return (limit - worker + num_workers - 1) // num_workers
-
-
-class _Tally:
-    """Skipped samples of one loader worker, and which shards already counted theirs this epoch."""
-
-    def __init__(self) -> None:
-        self.skipped = 0
-        self.counted: set[int] = set()
+def _label(sample: dict[str, Any]) -> int | None:
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        return None
 
 
 class ShardStream(IterableDataset):
-    """Endless ``(batch, keys, worker, skipped so far)`` tuples for one rank, batched inside the worker."""
+    """Endless ``(images, labels, keys, worker, skipped so far)`` for one rank, batched inside the worker."""
 
-    def __init__(self, plan: DataPlan, cfg: GanConfig, rank: int, world_size: int, start_batch: int = 0) -> None:
+    def __init__(self, plan: DataPlan, cfg: GanConfig, rank: int, world: int, position: DataPosition) -> None:
         super().__init__()
-        self.plan, self.rank, self.world_size, self.start_batch = plan, rank, world_size, start_batch
-        self.seed, self.mode, self.storage = cfg.train.seed, cfg.data.mode, cfg.storage
-        self.batch_size = cfg.per_worker_batch()
+        self.plan, self.rank, self.world, self.position = plan, rank, world, position
+        self.workers = position.layouts[-1].workers
+        self.batch_size = plan.batch_size // world
+        self.storage, self.seed, self.random_flip = cfg.storage, cfg.train.seed, cfg.data.random_flip
         self.image_mode = "L" if cfg.data.channels == 1 else "RGB"
         self.resolution = cfg.data.resolution
-        self.shuffle_buffer = cfg.data.shuffle_buffer
-        self.random_flip = cfg.data.random_flip
-        # Each DataLoader worker process gets its own copy of this stream, so each has its own cache.
-        self.decoded: dict[tuple[str, str], np.ndarray | None] = {}
+        # Each DataLoader worker process gets its own copy of this stream, so each has its own cache and count.
+        self.decoded: dict[int, _Image | None] = {}
         self.cache_room = int(cfg.data.decode_cache_mb * 2**20)
+        self.skipped = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], int, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list[str], int, int]]:
         info = get_worker_info()
-        dl_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # DataLoader always starts with its worker 0; after a resume at batch s that batch belongs to stream
-        # worker s % W, so DataLoader worker i plays stream worker (i + s) % W.
-        worker = (dl_worker + self.start_batch) % num_workers
-        per_epoch, tally = self.plan.batches_per_epoch, _Tally()
-        first = self.start_batch + (worker - self.start_batch) % num_workers  # this worker's first batch number
-        for epoch in itertools.count(first // per_epoch):
-            # This worker's batches of the epoch are its numbers begin..end-1 (counted over its own batches).
-            begin = _count_below(epoch * per_epoch, worker, num_workers)
-            end = _count_below((epoch + 1) * per_epoch, worker, num_workers)
-            done = _count_below(max(first, epoch * per_epoch), worker, num_workers)
-            yield from self._epoch(epoch, worker, num_workers, done - begin, end - begin, tally)
+        loader_worker = info.id if info is not None else 0
+        slots = self._slots(loader_worker)
+        ahead: deque[_Slot] = deque()  # slots looked at early, to fill a batch that has no deliverable image
+        while True:
+            batch = [ahead.popleft() if ahead else next(slots) for _ in range(self.batch_size)]
+            yield self._batch(batch, slots, ahead) + (loader_worker, self.skipped)
 
-    def _epoch(
-        self, epoch: int, worker: int, num_workers: int, skip: int, owed: int, tally: _Tally
-    ) -> Iterator[tuple[torch.Tensor, list[str], int, int]]:
-        """Batches ``skip..owed-1`` of this worker's share of ``epoch``."""
-        if skip >= owed:
-            return
-        tag = f"{self.seed}/{epoch}/{self.rank}/{worker}"
-        tally.counted = set()
-        samples = self._samples(epoch, worker, num_workers, tag, tally)
+    def _slots(self, loader_worker: int) -> Iterator[_Slot]:
+        """This DataLoader worker's ``(epoch, image or None)`` in the order it hands them out, endless."""
+        per_epoch, workers = self.plan.batches_per_epoch, self.workers
+        epoch, step = divmod(self.position.batches, per_epoch)
+        layouts, handed = self.position.layouts, 0  # handed: loader batches before this stretch
+        while True:
+            # Loader batch ``handed + j`` is the stretch's batch ``n = step - start + j``, served by stream
+            # worker ``n % K``; DataLoader worker ``i`` hands out the loader batches ``i, i + K, ...``.
+            n = step - layouts[-1].start
+            worker = (loader_worker + n - handed) % workers
+            owed = worker_batches(per_epoch - layouts[-1].start, worker, workers)
+            done = worker_batches(n, worker, workers)
+            images = self._stretch(epoch, layouts, worker, done, owed)
+            yield from ((epoch, image) for image in images)
+            handed += per_epoch - step
+            epoch, step, layouts = epoch + 1, 0, (Layout(self.world, workers, 0),)
+
+    def _stretch(
+        self, epoch: int, layouts: tuple[Layout, ...], worker: int, done: int, owed: int
+    ) -> Iterator[_Image | None]:
+        """Images ``done*B .. owed*B - 1`` of stream ``worker``'s block under the last of ``layouts``, in
+        emission order (None: undeliverable); samples read before they are due wait in ``held``."""
+        ids, order = self.plan.stream(epoch, layouts, self.rank, worker)
         b = self.batch_size
-        for _ in itertools.islice(samples, skip * b):  # fast-forward: read, never decode
-            pass
-        if skip:
-            tally.skipped = 0  # count from the resume point on
-        for index in range(skip, owed):
-            chunk = list(itertools.islice(samples, b))
-            images, keys = self._decode_batch(chunk, tally, f"{tag}/{index}")
-            yield images, keys, worker, tally.skipped
+        wanted = np.fromiter((i not in self.decoded for i in ids.tolist()), dtype=bool, count=len(ids))
+        wanted[list(itertools.islice(order, done * b))] = False  # emitted before this loader started
+        held: dict[int, dict[str, Any] | None] = {}
+        with closing(self._read(ids, wanted)) as samples:
+            for j in itertools.islice(order, (owed - done) * b):
+                if not wanted[j]:  # cached when the stretch began
+                    yield self.decoded[int(ids[j])]
+                    continue
+                while j not in held:
+                    index, sample = next(samples)
+                    held[index] = sample
+                yield self._decode(int(ids[j]), held.pop(j))
 
-    def _samples(self, epoch: int, worker: int, num_workers: int, tag: str, tally: _Tally) -> Iterator[dict]:
-        """This worker's raw samples for ``epoch``, shuffled, endless."""
-        everything = range(len(self.plan.shards))
-        if self.mode == "resampled":
-            draw = random.Random("draw/" + tag)
-            draws = (draw.choice(everything) for _ in itertools.count())
-            return self._shuffled(self._read(draws, everything, tally), tag)
-        mine = assign_shards(
-            list(everything),
-            rank=self.rank,
-            world_size=self.world_size,
-            worker=worker,
-            num_workers=num_workers,
-            epoch=epoch,
-            seed=self.seed,
-        )
-        # One pass over the worker's shards after another, each shuffled on its own: the buffer must not pull
-        # the next pass's repeats in while this pass still has unseen samples.
-        passes = (self._shuffled(self._read(mine, mine, tally), f"{tag}/{p}") for p in itertools.count())
-        return itertools.chain.from_iterable(passes)
+    def _read(self, ids: np.ndarray, wanted: np.ndarray) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """``(index, sample)`` for each wanted index of ``ids``, in order; None where its shard ends before it."""
+        shard, position = self.plan.locate(ids)
+        # A run is read in one pass over its shard: a new one starts where the shard changes or goes back.
+        breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(position) < 0)) + 1
+        for run in np.split(np.arange(len(ids)), breaks):
+            run = run[wanted[run]]
+            if len(run):
+                with closing(read_shard(self.plan.shards[shard[run[0]]], self.storage)) as samples:
+                    at, sample = -1, None
+                    for index, target in zip(run.tolist(), position[run].tolist()):
+                        while at < target and (sample := next(samples, None)) is not None:
+                            at += 1
+                        yield index, sample if at == target else None
 
-    def _shuffled(self, samples: Iterator[dict], tag: str) -> Iterator[dict]:
-        if self.shuffle_buffer == 0:
-            return samples
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random("mix/" + tag))(samples)
-
-    def _read(self, order: Iterable[int], candidates: Sequence[int], tally: _Tally) -> Iterator[dict]:
-        """Samples of the shards in ``order``, tagged ``__first__`` on the epoch's first read of their shard."""
-        empty: set[int] = set()
-        for i in order:
-            first = i not in tally.counted
-            tally.counted.add(i)
-            seen = 0
-            for sample in read_shard(self.plan.shards[i], self.storage):
-                seen += 1
-                sample["__first__"] = first
-                yield sample
-            if first:
-                tally.skipped += max(0, self.plan.counts[i] - seen)  # lost to damage or a missing object
-            if seen == 0:
-                empty.add(i)
-                if empty.issuperset(candidates):
-                    names = [self.plan.shards[j] for j in candidates]
-                    raise RuntimeError(f"rank {self.rank}: no readable sample in any of {names}")
-
-    def _decode(self, sample: dict[str, Any]) -> np.ndarray | None:
-        """A sample's pixels (read-only: batches copy them), from the decode cache when it holds them."""
-        key = (sample["__url__"], sample["__key__"])
-        if key in self.decoded:
-            return self.decoded[key]
+    def _decode(self, gid: int, sample: dict[str, Any] | None) -> _Image | None:
+        """The sample's image, from the decode cache when it holds it; None when it cannot be delivered."""
+        if gid in self.decoded:
+            return self.decoded[gid]
+        if sample is None:  # not in its shard: not cached, a later epoch tries again
+            return None
         pixels = _pixels(sample, self.image_mode, self.resolution)
-        size = 0 if pixels is None else pixels.nbytes
-        if size <= self.cache_room and self.cache_room > 0:
-            self.decoded[key] = pixels
+        label = _label(sample) if self.plan.labelled else None
+        image = None
+        if pixels is not None and (label is not None or not self.plan.labelled):
+            image = _Image(gid, pixels, label, f"{sample['__url__'].rsplit('/', 1)[-1]}/{sample['__key__']}")
+        size = 0 if image is None else pixels.nbytes
+        if self.cache_room >= size and self.cache_room > 0:
+            self.decoded[gid] = image
             self.cache_room -= size
-        return pixels
+        return image
 
-    def _decode_batch(self, chunk: list[dict], tally: _Tally, tag: str) -> tuple[torch.Tensor, list[str]]:
-        """Decode one batch; an undecodable image's slot gets a copy of another image of the batch."""
-        decoded = [self._decode(s) for s in chunk]
-        good = [i for i, image in enumerate(decoded) if image is not None]
-        tally.skipped += sum(1 for s, image in zip(chunk, decoded) if image is None and s["__first__"])
-        if not good:
-            urls = sorted({s["__url__"] for s in chunk})
-            raise RuntimeError(f"all {len(chunk)} images of a batch are undecodable (from {urls}): the data is damaged")
-        fill = itertools.cycle(good)
-        source = [i if image is not None else next(fill) for i, image in enumerate(decoded)]
-        flips = random.Random("flip/" + tag) if self.random_flip else None
-        images = [decoded[i][..., ::-1] if flips is not None and flips.random() < 0.5 else decoded[i] for i in source]
-        keys = [f"{chunk[i]['__url__'].rsplit('/', 1)[-1]}/{chunk[i]['__key__']}" for i in source]
-        # One numpy copy into a contiguous batch (torch.stack of transposed views is a slow strided copy).
-        batch = np.empty((len(images), *images[0].shape), dtype=np.uint8)
-        for k, image in enumerate(images):
-            batch[k] = image
-        return torch.from_numpy(batch), keys
+    def _next_good(self, slots: Iterator[_Slot], ahead: deque[_Slot]) -> _Slot:
+        """The stream's next deliverable image, looked at early (it is still handed out in its own turn)."""
+        found = next((slot for slot in ahead if slot[1] is not None), None)
+        while found is None and len(ahead) <= self.plan.num_samples:
+            ahead.append(next(slots))
+            found = ahead[-1] if ahead[-1][1] is not None else None
+        if found is None:
+            raise RuntimeError(f"rank {self.rank}: no deliverable image in a whole epoch's worth of the stream")
+        return found
+
+    def _batch(
+        self, slots: list[_Slot], rest: Iterator[_Slot], ahead: deque[_Slot]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """One batch; an undeliverable slot gets another image of the batch, or the stream's next one."""
+        good = [slot for slot in slots if slot[1] is not None]
+        self.skipped += len(slots) - len(good)
+        fill = itertools.cycle(good or [self._next_good(rest, ahead)])
+        chosen = [slot if slot[1] is not None else next(fill) for slot in slots]
+        batch = np.empty((len(chosen), *chosen[0][1].pixels.shape), dtype=np.uint8)
+        for k, (epoch, image) in enumerate(chosen):
+            # A sample's flip depends on (seed, epoch, id) only: the same whatever the layout that delivers it.
+            flip = self.random_flip and random.Random(f"flip/{self.seed}/{epoch}/{image.id}").random() < 0.5
+            batch[k] = image.pixels[..., ::-1] if flip else image.pixels
+        labels = torch.tensor([image.label for _, image in chosen]) if self.plan.labelled else None
+        return torch.from_numpy(batch), labels, [image.key for _, image in chosen]
 
 
-class BatchIterator(Iterator[torch.Tensor]):
-    """Endless uint8 batches; ``skipped`` counts undeliverable samples, ``keys`` names the last batch's."""
+class BatchIterator(Iterator[Batch]):
+    """Endless batches; ``skipped``: undeliverable samples met, ``position``: where to resume, ``keys``: names."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: DataLoader, plan: DataPlan, start: DataPosition) -> None:
         self._batches = iter(loader)
-        self._skipped: dict[int, int] = {}  # per loader worker: each reports its own running total
+        self._skipped: dict[int, int] = {}  # per DataLoader worker: each reports its own running total
+        self.plan, self._start, self._served = plan, start, 0
         self.keys: list[str] = []  # "shard-000003.tar/000001500" for each image of the last batch
 
-    def __next__(self) -> torch.Tensor:
-        batch, keys, worker, skipped = next(self._batches)
+    def __next__(self) -> Batch:
+        images, labels, keys, worker, skipped = next(self._batches)
         self._skipped[int(worker)] = int(skipped)
         self.keys = list(keys)
-        return batch
+        self._served += 1
+        return Batch(images, labels)
 
     @property
     def skipped(self) -> int:
         return sum(self._skipped.values())
 
+    @property
+    def position(self) -> DataPosition:
+        """The data position after the batches handed out so far (same on every rank)."""
+        batches, per_epoch = self._start.batches + self._served, self.plan.batches_per_epoch
+        if batches // per_epoch == self._start.batches // per_epoch:
+            return DataPosition(batches, self._start.layouts)
+        current = self._start.layouts[-1]
+        return DataPosition(batches, (Layout(current.world, current.workers, 0),))
 
-def build_loader(cfg: GanConfig, rank: int, world_size: int, start_batch: int = 0) -> BatchIterator:
-    """Endless uint8 batches ``[per_worker_batch, channels, R, R]`` for ``rank`` of ``world_size``.
 
-    ``start_batch``: batches this rank already consumed (e.g. restored from a checkpoint); the iterator
-    continues exactly where an uninterrupted one would be.
+def build_loader(cfg: GanConfig, rank: int, world_size: int, position: DataPosition | None = None) -> BatchIterator:
+    """Endless ``Batch``es of ``train.batch_size // world_size`` images for ``rank`` of ``world_size``.
+
+    ``position``: where the run stands (from a checkpoint); the loader continues the epoch from there, on any
+    world size, and exactly as an uninterrupted run would when the world size and loader workers are unchanged.
     """
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     plan = plan_data(cfg, world_size)
     workers = cfg.data.loader_workers
+    start = position or DataPosition()
+    start = DataPosition(start.batches, resume_layouts(start, plan.batches_per_epoch, world_size, max(1, workers)))
     loader = DataLoader(
-        ShardStream(plan, cfg, rank, world_size, start_batch),
+        ShardStream(plan, cfg, rank, world_size, start),
         batch_size=None,  # batched inside the workers
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    return BatchIterator(loader)
+    return BatchIterator(loader, plan, start)
 
 
 def to_float(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""The dataset manifest: what ``prepare`` wrote, so loaders and checks need not open every shard."""
+"""The dataset manifest: what ``prepare`` wrote, so loaders and checks need not open every shard.
+
+Optional fields added later (``class_counts``, per-shard ``labels``) default to None: older manifests load.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gan_dist.storage import StorageConfig
 from gan_dist.storage import exists, join, read_bytes, write_bytes
@@ -23,6 +26,13 @@ class ShardInfo(_Model):
     num_samples: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str
+    labels: list[int] | None = Field(None, description="Class index of each sample, in tar order")
+
+    @model_validator(mode="after")
+    def _one_label_per_sample(self) -> ShardInfo:
+        if self.labels is not None and len(self.labels) != self.num_samples:
+            raise ValueError(f"{self.name}: {len(self.labels)} labels for {self.num_samples} samples")
+        return self
 
 
 class SkippedInput(_Model):
@@ -37,6 +47,7 @@ class Manifest(_Model):
     channels: Literal[1, 3]
     image_format: Literal["png", "jpeg"]
     labels: list[str] | None = Field(None, description="Class names; the stored cls label indexes this list")
+    class_counts: list[int] | None = Field(None, description="Samples per class, aligned with labels")
     shards: list[ShardInfo]
     skipped: list[SkippedInput] = []
     settings: dict[str, Any] = Field(default_factory=dict, description="The prepare settings that produced it")

@@ -1,9 +1,11 @@
 """Turn an image source into WebDataset tar shards plus a ``manifest.json``, locally or on S3.
 
-Input ``i`` always lands in shard ``i // k`` (``k`` = inputs per shard), so shard contents and names do not
-depend on how many processes write them: each process takes whole shards (its own slices of the input),
-writes each to a temporary file and publishes it when complete (rename, or upload to ``s3://``). The manifest
-is written last: a dataset without one is unfinished. Unreadable inputs are skipped and listed, never fatal.
+Inputs are written in a seeded random order (``shuffle``, the default), so every shard is a random sample of
+the dataset (folder sources list their images by class). The ``i``-th input of that order always lands in
+shard ``i // k`` (``k`` = inputs per shard), so shard contents and names do not depend on how many processes
+write them: each process takes whole shards, writes each to a temporary file and publishes it when complete
+(rename, or upload to ``s3://``). The manifest, with every sample's class when the source has labels, is
+written last: a dataset without one is unfinished. Unreadable inputs are skipped and listed, never fatal.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 from webdataset import TarWriter
@@ -44,6 +47,7 @@ class _Recipe:
     flip_duplicate: bool
     crop: str
     inputs_per_shard: int
+    order: np.ndarray  # input indices in writing order: shard i holds order[i*k : (i+1)*k]
     storage: StorageConfig
 
 
@@ -63,6 +67,8 @@ def prepare(
     labels_csv: str | None = None,
     processes: int = 1,
     storage: StorageConfig | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
 ) -> Manifest:
     """Write ``OUT/shard-NNNNNN.tar`` + ``OUT/manifest.json`` from ``source``; returns the manifest.
 
@@ -70,6 +76,7 @@ def prepare(
     shard (fewer where inputs were skipped). ``crop``: ``center`` (square center crop) or ``wide`` (StyleGAN's
     wide crop: full width kept, letterboxed). ``labels_csv``: ``filename,label`` rows for a folder source.
     ``processes``: worker processes writing shards in parallel. ``storage``: endpoint settings for S3.
+    ``shuffle``: write the inputs in a random order seeded by ``seed`` (False: in source order).
     """
     out = str(out)
     if channels not in (1, 3):
@@ -96,6 +103,8 @@ def prepare(
         "flip_duplicate": flip_duplicate,
         "crop": crop,
         "labels_csv": labels_csv,
+        "shuffle": shuffle,
+        "seed": seed,
     }
     src = open_source(source, labels_csv)
     recipe = _Recipe(
@@ -108,6 +117,7 @@ def prepare(
         flip_duplicate=flip_duplicate,
         crop=crop,
         inputs_per_shard=max(1, samples_per_shard // (2 if flip_duplicate else 1)),
+        order=np.random.default_rng(seed).permutation(src.total) if shuffle else np.arange(src.total),
         storage=storage,
     )
     if not is_remote(out):
@@ -120,7 +130,7 @@ def prepare(
     num_shards = math.ceil(src.total / recipe.inputs_per_shard)
     with tqdm(total=src.total, desc="prepare", unit="img", disable=not progress) as bar:
         for index, (info, bad) in enumerate(_write_all(src, recipe, num_shards, processes)):
-            bar.update(len(_inputs(recipe, src.total, index)))
+            bar.update(len(_inputs(recipe, index)))
             skipped += bad
             if info is not None:
                 written.append(info)
@@ -128,12 +138,14 @@ def prepare(
         raise ValueError(f"{source}: no usable images ({len(skipped)} inputs skipped)")
     _remove_stale_shards(out, {s.name for s in written}, storage)
 
+    labels = [label for s in written for label in s.labels or []]
     manifest = Manifest(
         num_samples=sum(s.num_samples for s in written),
         resolution=resolution,
         channels=channels,
         image_format=image_format,
         labels=src.labels,
+        class_counts=None if src.labels is None else np.bincount(labels, minlength=len(src.labels)).tolist(),
         shards=written,
         skipped=skipped,
         settings=settings,
@@ -142,9 +154,9 @@ def prepare(
     return manifest
 
 
-def _inputs(recipe: _Recipe, total: int, index: int) -> range:
+def _inputs(recipe: _Recipe, index: int) -> list[int]:
     k = recipe.inputs_per_shard
-    return range(index * k, min(total, (index + 1) * k))
+    return recipe.order[index * k : (index + 1) * k].tolist()
 
 
 def _write_all(
@@ -187,10 +199,11 @@ def _write_shard(src: Source, recipe: _Recipe, index: int) -> tuple[ShardInfo | 
     else:
         tmp = Path(recipe.out) / f"{name}.tmp"  # same filesystem: the final rename is atomic
     skipped: list[SkippedInput] = []
+    labels: list[int] = []
     count = 0
     try:
         with TarWriter(str(tmp), mtime=0) as tar:  # fixed mtime: reruns give identical shards
-            for i in _inputs(recipe, src.total, index):
+            for i in _inputs(recipe, index):
                 image, label, why = src.load(i)
                 if image is None:
                     skipped.append(why)
@@ -203,13 +216,15 @@ def _write_shard(src: Source, recipe: _Recipe, index: int) -> tuple[ShardInfo | 
                     sample = {"__key__": f"{i:09d}{suffix}", ext: _encode(variant, recipe)}
                     if label is not None:
                         sample["cls"] = label
+                        labels.append(label)
                     tar.write(sample)
                     count += 1
         if count == 0:
             return None, skipped
         with open(tmp, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
-        info = ShardInfo(name=name, num_samples=count, bytes=tmp.stat().st_size, sha256=digest)
+        size, labelled = tmp.stat().st_size, src.labels is not None
+        info = ShardInfo(name=name, num_samples=count, bytes=size, sha256=digest, labels=labels if labelled else None)
         if is_remote(recipe.out):
             upload_file(tmp, join(recipe.out, name), recipe.storage)
         else:

@@ -1,4 +1,4 @@
-"""Where a dataset's shards are, how many samples each holds, how they are dealt out, and reading one.
+"""Where a dataset's shards are, the checks and plan a config gets from its manifest, and reading one shard.
 
 URLs: a local directory, an ``s3://bucket/prefix`` or ``http(s)://host/prefix`` dataset prefix (with
 ``manifest.json``), a brace pattern (``.../shard-{000000..000009}.tar``) or a single ``.tar``. Remote shards
@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from braceexpand import braceexpand
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gan_dist.config import GanConfig
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, read_manifest
+from gan_dist.data.plan import DataPlan
 from gan_dist.storage import StorageConfig, is_remote, is_s3, join, list_objects, open_stream
 
 log = logging.getLogger("gan_dist.data")
@@ -86,43 +86,31 @@ def list_shards(url: str, storage: StorageConfig) -> list[str]:
     return shards
 
 
-def check_sharding(num_shards: int, world_size: int, loader_workers: int, mode: str = "exact") -> None:
-    """Fail early when some (rank, loader worker) would get no shard in exact mode and silently starve."""
-    need = world_size * max(1, loader_workers) if mode == "exact" else 1
-    if num_shards < need:
+def _kind(channels: int) -> str:
+    return "grayscale (1 channel)" if channels == 1 else "RGB (3 channels)"
+
+
+def _check_manifest(cfg: GanConfig, manifest: Manifest) -> None:
+    """The image facts the config must agree with: resolution and channels."""
+    url, data = cfg.data.url, cfg.data
+    if manifest.resolution != data.resolution:
+        raise ValueError(f"{url} holds {manifest.resolution}px images but data.resolution={data.resolution}")
+    if manifest.channels != data.channels:
         raise ValueError(
-            f"data.url has {num_shards} shard(s) but scaling.num_workers={world_size} x "
-            f"data.loader_workers={loader_workers} needs at least {need}, one per loader worker, in exact mode; "
-            "re-run prepare with a smaller samples_per_shard, lower data.loader_workers or set data.mode=resampled"
+            f"{url} holds {_kind(manifest.channels)} images but data.channels={data.channels}; set "
+            f"data.channels={manifest.channels} or re-run prepare with --channels {data.channels}"
         )
 
 
-def assign_shards(
-    shards: list[str], *, rank: int, world_size: int, worker: int, num_workers: int, epoch: int, seed: int
-) -> list[str]:
-    """This (rank, worker)'s shards for ``epoch``: disjoint from every other pair, reshuffled each epoch."""
-    order = list(shards)
-    random.Random(f"shards/{seed}/{epoch}").shuffle(order)  # str seed: same on every host and process
-    return order[rank::world_size][worker::num_workers]
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """Everything the loader needs to know before reading: shards, their sample counts, the epoch length."""
-
-    shards: list[str]
-    counts: list[int]  # samples per shard, from the manifest
-    batches_per_epoch: int  # per rank: total samples // global batch, the same on every rank
-    manifest: Manifest
-
-
 def plan_data(cfg: GanConfig, world_size: int) -> DataPlan:
-    """Check ``cfg.data`` against the dataset (before training starts) and return the plan; ValueError if unfit.
+    """Check ``cfg.data`` against the dataset and return the plan; ValueError naming the problem if unfit.
 
-    Per-shard sample counts come from the manifest: they fix the epoch length, so every rank can yield the
-    same number of batches whatever the shard sizes.
+    Called by the driver before Ray starts (with ``scaling.num_workers``) and by every loader (with the live
+    world size). Per-shard sample counts come from the manifest: they fix the sample ids and the epoch.
     """
-    url, storage = cfg.data.url, cfg.storage
+    url, storage, batch = cfg.data.url, cfg.storage, cfg.train.batch_size
+    if world_size < 1 or batch % world_size:
+        raise ValueError(f"train.batch_size={batch} (the global batch) is not divisible by the world size {world_size}")
     shards = list_shards(url, storage)
     manifest = read_manifest(dataset_base(url), storage)
     if manifest is None:
@@ -130,25 +118,42 @@ def plan_data(cfg: GanConfig, world_size: int) -> DataPlan:
             f"{url}: no {MANIFEST_NAME} next to the shards; the loader needs the per-shard sample counts it "
             "holds (write the dataset with `gan-dist prepare`)"
         )
-    if manifest.resolution != cfg.data.resolution:
-        raise ValueError(f"{url} holds {manifest.resolution}px images but data.resolution={cfg.data.resolution}")
-    known = {s.name: s.num_samples for s in manifest.shards}
+    _check_manifest(cfg, manifest)
+    known = {s.name: s for s in manifest.shards}
     unknown = [s for s in shards if _name(s) not in known]
     if unknown:
         raise ValueError(f"{url}: {len(unknown)} shard(s) are not in {MANIFEST_NAME} (first: {unknown[0]})")
-    check_sharding(len(shards), world_size, cfg.data.loader_workers, cfg.data.mode)
-    counts = [known[_name(s)] for s in shards]
-    global_batch = cfg.per_worker_batch() * world_size
-    if sum(counts) < global_batch:
-        raise ValueError(f"{url}: {sum(counts)} samples are fewer than one global batch of {global_batch}")
-    return DataPlan(shards=shards, counts=counts, batches_per_epoch=sum(counts) // global_batch, manifest=manifest)
+    infos = [known[_name(s)] for s in shards]
+    counts = [s.num_samples for s in infos]
+    if sum(counts) < batch:
+        raise ValueError(f"{url}: {sum(counts)} samples are fewer than one global batch of {batch}")
+    per_sample = all(s.labels is not None for s in infos)
+    if cfg.data.class_balance and not (per_sample and manifest.labels):
+        raise ValueError(
+            f"data.class_balance needs per-sample class labels in the {MANIFEST_NAME} of {url}, which has "
+            f"{'none' if not manifest.labels else 'only class names (prepared before labels were stored)'}: "
+            "re-run `gan-dist prepare` on a labelled source, or set data.class_balance=false"
+        )
+    return DataPlan(
+        shards=tuple(shards),
+        counts=tuple(counts),
+        batch_size=batch,
+        seed=cfg.train.seed,
+        mode=cfg.data.mode,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        class_balance=cfg.data.class_balance,
+        labelled=manifest.labels is not None,
+        labels=np.concatenate([np.asarray(s.labels, dtype=np.int64) for s in infos]) if per_sample else None,
+        class_names=tuple(manifest.labels or ()),
+        class_counts=tuple(manifest.class_counts or ()),
+    )
 
 
 def read_shard(url: str, storage: StorageConfig) -> Iterator[dict[str, Any]]:
     """The samples of one shard in tar order (``__key__``, ``__url__``, one entry per file extension).
 
     A damaged shard (unreadable object, truncated or garbled tar) ends early with a warning and no exception:
-    callers compare what they got with the manifest's count. Nothing sleeps.
+    the manifest tells callers what is missing. Nothing sleeps.
     """
     try:
         with gopen(url, storage=storage) as stream:  # local paths: plain open(); remote: _gopen_remote

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ from gan_dist.storage import StorageConfig, exists, join, read_bytes, write_byte
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "gan_dist.real_stats"
-CACHE_VERSION = 1  # bump when the image selection or the file layout changes: old files stop matching
+CACHE_VERSION = 2  # bump when the image selection or the file layout changes: old files stop matching
 MAX_STORED_FEATURES = 10_000  # real features kept for KID and precision/recall (mu/sigma use all)
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # the StyleGAN2-ADA / torch-fidelity defaults
 IS_SPLITS = 10
@@ -132,16 +132,17 @@ class RealStats:
     features: torch.Tensor  # float32 [<= MAX_STORED_FEATURES, D], for KID and precision/recall
     num_images: int
     location: str  # the cache file: local path or s3:// URL
+    per_class: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # class: (mu, sigma)
 
 
 def real_stats_key(data_url: str, storage: StorageConfig, extractor_name: str, resolution: int, channels: int,
-                   num_images: int) -> str:
+                   num_images: int, per_class: int = 0) -> str:
     """sha256 naming the real statistics; without a manifest the shard list stands in for the content."""
     shards = list_shards(data_url, storage)
     text, _ = dataset_manifest(shards, storage)
     if text is None:
         log.warning("%s has no manifest: the statistics cache cannot notice changed shard contents", data_url)
-    blob = json.dumps([CACHE_VERSION, text or shards, extractor_name, resolution, channels, num_images])
+    blob = json.dumps([CACHE_VERSION, text or shards, extractor_name, resolution, channels, num_images, per_class])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -156,7 +157,8 @@ def _load_cached(location: str, key: str, storage: StorageConfig) -> RealStats |
     if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT or blob.get("key") != key:
         log.warning("ignoring %s: not real statistics for this dataset/extractor", location)
         return None
-    return RealStats(blob["mu"], blob["sigma"], blob["features"], blob["num_images"], location)
+    per_class = {int(c): (mu, sigma) for c, (mu, sigma) in blob.get("per_class", {}).items()}
+    return RealStats(blob["mu"], blob["sigma"], blob["features"], blob["num_images"], location, per_class)
 
 
 def real_statistics(
@@ -172,13 +174,15 @@ def real_statistics(
     world: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    per_class: int = 0,
 ) -> RealStats | None:
     """Real-image statistics on rank 0 (None on other ranks), read from ``cache_dir`` (a local directory
-    or an s3:// prefix, e.g. in the run's storage) or computed and written there.
+    or an s3:// prefix, e.g. in the run's storage) or computed and written there. With ``per_class`` = k,
+    also the statistics of each of the first k classes (for intra-FID; the dataset needs labels).
 
     Every rank must call this: on a cache miss all of them extract a share of the images.
     """
-    key = real_stats_key(data_url, storage, extractor.name, resolution, channels, num_images)
+    key = real_stats_key(data_url, storage, extractor.name, resolution, channels, num_images, per_class)
     location = join(str(cache_dir), f"real-{key[:24]}.pt")
     cached = _load_cached(location, key, storage) if rank == 0 else None
     hit = [cached is not None]
@@ -186,11 +190,18 @@ def real_statistics(
         dist.broadcast_object_list(hit, src=0)
     if hit[0]:
         return cached
-    pairs = read_images(data_url, storage, resolution, channels, num_images, rank=rank, world=world)
+    seen: list[int] = []  # the images' labels (-1: none), recorded as they stream past
+
+    def pairs() -> Iterator[tuple[torch.Tensor, int | None]]:
+        for image, label in read_images(data_url, storage, resolution, channels, num_images, per_class > 0, rank, world):
+            seen.append(-1 if label is None else label)
+            yield image, label
+
     bar = tqdm(total=num_images // world, desc="real features", unit="img", disable=not progress)
     with bar:
-        features, _ = extract_features(extractor, _batches(pairs, batch_size), device, bar)
+        features, _ = extract_features(extractor, _batches(pairs(), batch_size), device, bar)
     gathered = gather_to_rank0(features)
+    labels = gather_to_rank0(torch.tensor(seen, device=features.device))
     if gathered is None:
         return None
     if gathered.shape[0] < num_images:
@@ -199,10 +210,13 @@ def real_statistics(
     # A random subset: the rows are in dataset order, and datasets are often grouped by class.
     keep = torch.randperm(gathered.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_STORED_FEATURES]
     kept = gathered[keep.to(gathered.device)].float().cpu()
-    stats = RealStats(mu.cpu(), sigma.cpu(), kept, gathered.shape[0], location)
+    classes = {c: feature_statistics(gathered[labels == c]) for c in range(per_class) if (labels == c).sum() > 1}
+    classes = {c: (m.cpu(), s.cpu()) for c, (m, s) in classes.items()}
+    stats = RealStats(mu.cpu(), sigma.cpu(), kept, gathered.shape[0], location, classes)
     buffer = io.BytesIO()
     torch.save({"format": CACHE_FORMAT, "key": key, "mu": stats.mu, "sigma": stats.sigma, "features": kept,
-                "num_images": stats.num_images, "extractor": extractor.name, "data_url": data_url}, buffer)
+                "num_images": stats.num_images, "extractor": extractor.name, "data_url": data_url,
+                "per_class": classes}, buffer)  # fmt: skip
     write_bytes(location, buffer.getvalue(), storage)  # atomic: readers never see half a file
     return stats
 
@@ -210,12 +224,41 @@ def real_statistics(
 # ---- generator evaluation ------------------------------------------------------------------------
 
 
-def _fake_batches(g_ema: torch.nn.Module, z: torch.Tensor, batch_size: int, device: torch.device | str
-                  ) -> Iterator[torch.Tensor]:
-    for chunk in z.split(batch_size):
+def _fake_batches(g_ema: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
+                  device: torch.device | str) -> Iterator[torch.Tensor]:
+    for i, chunk in enumerate(z.split(batch_size)):
         with torch.no_grad():
-            images = g_ema(chunk.to(device)).float()
+            if labels is None:
+                images = g_ema(chunk.to(device)).float()
+            else:
+                images = g_ema(chunk.to(device), labels[i * batch_size : (i + 1) * batch_size].to(device)).float()
         yield to_float(to_uint8(images), device)  # the pixels a saved PNG would hold
+
+
+def fake_labels(class_counts: list[int], num_images: int, seed: int) -> torch.Tensor:
+    """Classes for ``num_images`` fakes, drawn as the dataset's labels are distributed (as StyleGAN2-ADA's
+    metrics do), the same on every rank."""
+    weights = torch.tensor(class_counts, dtype=torch.float64)
+    return torch.multinomial(weights, num_images, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
+def class_metrics(real: RealStats, fake: torch.Tensor, fake_logits: torch.Tensor | None, labels: torch.Tensor,
+                  classifier: bool) -> dict[str, float]:
+    """A conditional generator's extra scores: intra-FID (FID within a class) for the classes ``real`` has
+    statistics of, their mean, and (with the dataset's own classifier as extractor) the share of fakes it
+    classifies as the class they were drawn for."""
+    labels = labels.to(fake.device)
+    metrics = {}
+    for c, (mu, sigma) in real.per_class.items():
+        mine = fake[labels == c]
+        if mine.shape[0] > 1:
+            fake_mu, fake_sigma = feature_statistics(mine)
+            metrics[f"intra_fid/{c}"] = frechet_distance(fake_mu, fake_sigma, mu.to(fake.device), sigma.to(fake.device))
+    if metrics:
+        metrics["intra_fid_mean"] = sum(metrics.values()) / len(metrics)
+    if classifier and fake_logits is not None:
+        metrics["class_accuracy"] = float((fake_logits.argmax(1) == labels).double().mean())
+    return metrics
 
 
 def compute_metrics(real: RealStats, fake: torch.Tensor, fake_logits: torch.Tensor | None, seed: int = 0
@@ -249,23 +292,31 @@ def evaluate_generator_distributed(
     device: torch.device | str,
     seed: int,
     progress: bool = False,
+    class_counts: list[int] | None = None,
 ) -> dict[str, float] | None:
-    """Metrics of ``num_images`` fakes on rank 0 (None elsewhere); every rank must call it.
+    """Metrics of ``num_images`` fakes on rank 0 (None elsewhere); every rank must call it. A conditional
+    generator gets ``class_counts`` (the dataset's, from its manifest): fakes are drawn for classes
+    distributed as those, and the class metrics join the rest.
 
-    All ranks draw the same z matrix and each takes a contiguous slice, so the fakes, and hence the
-    metrics, do not depend on the number of workers.
+    All ranks draw the same z matrix (and labels) and each takes a contiguous slice, so the fakes, and hence
+    the metrics, do not depend on the number of workers.
     """
     if num_images < world:
         raise ValueError(f"need at least one image per rank: num_images={num_images} < world={world}")
     z = torch.randn(num_images, z_dim, generator=torch.Generator().manual_seed(seed))
-    mine = z[num_images * rank // world : num_images * (rank + 1) // world]
-    bar = tqdm(total=len(mine), desc="fake features", unit="img", disable=not progress)
+    labels = fake_labels(class_counts, num_images, seed) if class_counts else None
+    share = slice(num_images * rank // world, num_images * (rank + 1) // world)
+    bar = tqdm(total=share.stop - share.start, desc="fake features", unit="img", disable=not progress)
     with bar:
-        features, logits = extract_features(extractor, _fake_batches(g_ema, mine, batch_size, device), device, bar)
+        batches = _fake_batches(g_ema, z[share], labels[share] if labels is not None else None, batch_size, device)
+        features, logits = extract_features(extractor, batches, device, bar)
     features = gather_to_rank0(features)
     logits = gather_to_rank0(logits) if logits is not None else None
     if features is None:
         return None
     if real_stats is None:
         raise ValueError("rank 0 needs real_stats (from real_statistics)")
-    return compute_metrics(real_stats, features, logits, seed)
+    metrics = compute_metrics(real_stats, features, logits, seed)
+    if labels is not None:
+        metrics.update(class_metrics(real_stats, features, logits, labels, isinstance(extractor, ClassifierExtractor)))
+    return metrics

@@ -12,29 +12,54 @@ from types import ModuleType
 
 from torch import nn
 
-from gan_dist.models import dcgan, mlp, resnet
+from gan_dist.models import dcgan, mlp, resnet, stylegan2, stylegan2_d
 from gan_dist.models.base import ModelSection
 
-_Builder = Callable[[ModelSection, int, int], nn.Module]  # (model config, resolution, channels) -> net
+_Builder = Callable[..., nn.Module]  # (model config, resolution, channels[, classify]) -> net
 
 
 @dataclass(frozen=True)
 class Architecture:
     config: type[ModelSection]
     generator: _Builder
-    discriminator: _Builder
+    discriminator: _Builder  # takes ``classify``: add the AC-GAN class head
+    auxiliary_classifier: bool = True  # whether its D can carry that head
 
 
 def _classic(module: ModuleType) -> Architecture:
     """mlp, dcgan and resnet take the same constructor arguments."""
-    return Architecture(
-        config=module.Config,
-        generator=lambda cfg, res, ch: module.Generator(cfg.z_dim, cfg.g_width, res, ch, cfg.g_batchnorm),
-        discriminator=lambda cfg, res, ch: module.Discriminator(cfg.d_width, res, ch, cfg.d_norm, cfg.d_spectral_norm),
-    )
+
+    def generator(cfg: ModelSection, res: int, ch: int) -> nn.Module:
+        return module.Generator(cfg.z_dim, cfg.g_width, res, ch, cfg.g_batchnorm, cfg.classes())
+
+    def discriminator(cfg: ModelSection, res: int, ch: int, classify: bool = False) -> nn.Module:
+        return module.Discriminator(cfg.d_width, res, ch, cfg.d_norm, cfg.d_spectral_norm, cfg.classes(), classify)
+
+    return Architecture(module.Config, generator, discriminator)
 
 
-ARCHITECTURES: dict[str, Architecture] = {"mlp": _classic(mlp), "dcgan": _classic(dcgan), "resnet": _classic(resnet)}
+def _stylegan2() -> Architecture:
+    shared = ("channel_base", "channel_max", "bf16_resolutions", "conv_clamp")
+
+    def generator(cfg: stylegan2.Config, res: int, ch: int) -> nn.Module:
+        options = {k: getattr(cfg, k) for k in (*shared, "z_dim", "w_dim", "mapping_layers")}
+        return stylegan2.Generator(resolution=res, channels=ch, num_classes=cfg.classes(), **options)
+
+    def discriminator(cfg: stylegan2.Config, res: int, ch: int, classify: bool = False) -> nn.Module:
+        if classify:
+            raise ValueError("the stylegan2 D has no auxiliary classifier head")
+        options = {k: getattr(cfg, k) for k in (*shared, "mbstd_group_size", "mapping_layers")}
+        return stylegan2_d.Discriminator(resolution=res, channels=ch, num_classes=cfg.classes(), **options)
+
+    return Architecture(stylegan2.Config, generator, discriminator, auxiliary_classifier=False)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mlp": _classic(mlp),
+    "dcgan": _classic(dcgan),
+    "resnet": _classic(resnet),
+    "stylegan2": _stylegan2(),
+}
 
 
 def _lookup(arch: str) -> Architecture:
@@ -50,13 +75,14 @@ def model_config(tree: dict) -> ModelSection:
 
 
 def build_generator(cfg: ModelSection, resolution: int, channels: int) -> nn.Module:
-    """G for ``cfg.arch``: z [N, cfg.z_dim] -> images [N, channels, resolution, resolution]."""
+    """G for ``cfg.arch``: z [N, cfg.z_dim] (+ labels [N] when conditional) -> images [N, channels, R, R]."""
     return _lookup(cfg.arch).generator(cfg, resolution, channels)
 
 
-def build_discriminator(cfg: ModelSection, resolution: int, channels: int) -> nn.Module:
-    """D for ``cfg.arch``: images [N, channels, resolution, resolution] -> raw logits [N]."""
-    return _lookup(cfg.arch).discriminator(cfg, resolution, channels)
+def build_discriminator(cfg: ModelSection, resolution: int, channels: int, classify: bool = False) -> nn.Module:
+    """D for ``cfg.arch``: images [N, channels, resolution, resolution] (+ labels [N] when conditional) -> raw
+    logits [N]; with ``classify`` also AC-GAN class logits [N, classes]."""
+    return _lookup(cfg.arch).discriminator(cfg, resolution, channels, classify)
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "ModelSection", "build_discriminator", "build_generator", "model_config"]

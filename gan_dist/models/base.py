@@ -7,9 +7,9 @@ registry in ``gan_dist.models`` collects them and the job config validates ``mod
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gan_dist.schema import Section
 
@@ -19,9 +19,17 @@ class ModelSection(Section):
 
     arch: str
     z_dim: int = Field(100, ge=1, description="Latent size")
+    conditional: bool = Field(False, description="Condition G and D on the dataset's class labels")
+    num_classes: int | None = Field(
+        None, ge=2, description="Classes of a conditional model; unset: the dataset manifest's class count"
+    )
 
     def check_resolution(self, resolution: int) -> None:
         """Raise ValueError when the architecture cannot build nets for ``resolution``."""
+
+    def classes(self) -> int:
+        """Classes G and D are conditioned on (0: unconditional)."""
+        return (self.num_classes or 0) if self.conditional else 0
 
 
 def resolution_steps(resolution: int, lowest: int = 32, highest: int = 256) -> int:
@@ -34,8 +42,19 @@ def resolution_steps(resolution: int, lowest: int = 32, highest: int = 256) -> i
 class ClassicConfig(ModelSection):
     """Keys of the classic nets (mlp, dcgan, resnet): base widths and where normalisation goes."""
 
+    class_through_batchnorm: ClassVar[bool] = False  # a conditional G needs g_batchnorm (dcgan, resnet)
+
     g_width: int = Field(64, ge=4, description="Base channel width of G (DCGAN/ResNet) or hidden size (MLP)")
     d_width: int = Field(64, ge=4, description="Base channel width of D (DCGAN/ResNet) or hidden size (MLP)")
     g_batchnorm: bool = True
     d_norm: Literal["batch", "none"] = "none"
     d_spectral_norm: bool = False
+
+    @model_validator(mode="after")
+    def _conditional_batchnorm(self) -> ClassicConfig:
+        if self.conditional and self.class_through_batchnorm and not self.g_batchnorm:
+            raise ValueError(
+                f"@model.g_batchnorm@a conditional {self.arch} G takes the class through conditional BatchNorm; "
+                "set model.g_batchnorm=true"
+            )
+        return self

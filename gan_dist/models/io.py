@@ -17,7 +17,7 @@ from gan_dist.models import build_generator, model_config
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
 GENERATOR_FORMAT = "gan_dist.generator"
-_META_KEYS = ("model", "resolution", "channels", "step", "run_name")
+_META_KEYS = ("model", "resolution", "channels", "step", "run_name", "class_names")
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +51,7 @@ def _generator_meta(state: dict[str, Any]) -> dict[str, Any]:
         "channels": cfg["data"]["channels"],
         "step": state["step"],
         "run_name": cfg["run"]["name"],
+        "class_names": state.get("class_names") or [],  # a conditional generator's classes, by index
     }
 
 
@@ -75,9 +76,23 @@ def load_generator(source: str | Path, map_location: str | torch.device = "cpu")
         artifact = _load_plain(source, "generator", map_location)
         if not isinstance(artifact, dict) or artifact.get("format") != GENERATOR_FORMAT:
             raise CheckpointError(f"{source} is not a gan_dist generator export")
-        meta, weights = {k: artifact[k] for k in _META_KEYS}, artifact["g_ema"]
+        meta, weights = {k: artifact.get(k) for k in _META_KEYS}, artifact["g_ema"]
+        meta["class_names"] = meta["class_names"] or []  # exports from before conditioning existed
     else:
         raise CheckpointError(f"{source}: no such checkpoint directory or generator file")
     g = build_generator(model_config(meta["model"]), meta["resolution"], meta["channels"])
     g.load_state_dict(weights)
     return g.eval().requires_grad_(False), meta
+
+
+def generate(
+    g: torch.nn.Module, z: torch.Tensor, truncation_psi: float = 1.0, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Images (float, about [-1, 1]) of a loaded generator for latents ``z`` (and class ``labels`` [N] for a
+    conditional one): a style-based G with constant noise (the same z gives the same image) and truncation
+    ``truncation_psi`` (1.0: none)."""
+    if hasattr(g, "mapping"):
+        return g(z, labels, truncation_psi=truncation_psi, noise_mode="const")
+    if truncation_psi != 1.0:
+        raise ValueError("truncation needs a style-based generator (model.arch=stylegan2)")
+    return g(z, labels) if labels is not None else g(z)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from itertools import pairwise
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,14 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from gan_dist.models.base import ClassicConfig, resolution_steps
+from gan_dist.models.conditioning import ConditionalCritic, Conditioned, apply, batch_norm, require_labels
 
 MAX_MULTIPLIER = 8
 
 
 class Config(ClassicConfig):
     arch: Literal["resnet"] = "resnet"
+    class_through_batchnorm: ClassVar[bool] = True
     d_spectral_norm: bool = True
 
     def check_resolution(self, resolution: int) -> None:
@@ -42,19 +44,22 @@ def _conv(c_in: int, c_out: int, kernel: int, gain: float = 1.0, sn: bool = Fals
 
 
 class GBlock(nn.Module):
-    """BN-ReLU-up-conv3-BN-ReLU-conv3, plus a 1x1 conv shortcut on the upsampled input."""
+    """BN-ReLU-up-conv3-BN-ReLU-conv3, plus a 1x1 conv shortcut on the upsampled input. In a conditional G
+    both BatchNorms take the class's scale and shift (SNGAN's conditional generator)."""
 
-    def __init__(self, c_in: int, c_out: int, batchnorm: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, batchnorm: bool, num_classes: int = 0) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in) if batchnorm else nn.Identity()
+        self.bn1 = batch_norm(c_in, num_classes) if batchnorm else nn.Identity()
         self.conv1 = _conv(c_in, c_out, 3, math.sqrt(2))
-        self.bn2 = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
+        self.bn2 = batch_norm(c_out, num_classes) if batchnorm else nn.Identity()
         self.conv2 = _conv(c_out, c_out, 3, math.sqrt(2))
         self.shortcut = _conv(c_in, c_out, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
-        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+    takes_labels = True
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.interpolate(F.relu(apply(self.bn1, x, labels)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(apply(self.bn2, self.conv1(h), labels)))
         return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
@@ -82,27 +87,42 @@ class DBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """z [N, z_dim] -> images [N, C, R, R] in [-1, 1]."""
+    """z [N, z_dim] (+ labels [N] when conditional) -> images [N, C, R, R] in [-1, 1]."""
 
-    def __init__(self, z_dim: int, width: int, resolution: int, channels: int, batchnorm: bool = True) -> None:
+    def __init__(
+        self, z_dim: int, width: int, resolution: int, channels: int, batchnorm: bool = True, num_classes: int = 0
+    ) -> None:
         super().__init__()
+        if num_classes and not batchnorm:
+            raise ValueError("a conditional resnet G takes the class through its BatchNorm layers: batchnorm=True")
         steps = resolution_steps(resolution)
         chans = [width * min(2 ** (steps - i), MAX_MULTIPLIER) for i in range(steps + 1)]
+        self.num_classes = num_classes
         self.linear = _init(nn.Linear(z_dim, 4 * 4 * chans[0]))
-        self.blocks = nn.Sequential(*(GBlock(a, b, batchnorm) for a, b in pairwise(chans)))
+        self.blocks = Conditioned(*(GBlock(a, b, batchnorm, num_classes) for a, b in pairwise(chans)))
         self.out_bn = nn.BatchNorm2d(chans[-1]) if batchnorm else nn.Identity()
         self.out_conv = _conv(chans[-1], channels, 3)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.linear(z).view(z.shape[0], -1, 4, 4))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            require_labels(labels, z.shape[0])
+        h = self.blocks(self.linear(z).view(z.shape[0], -1, 4, 4), labels)
         return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
 
 
 class Discriminator(nn.Module):
-    """images [N, C, R, R] -> raw logits [N]."""
+    """images [N, C, R, R] (+ labels [N] when conditional: projection on the pooled features) -> raw logits
+    [N] (and class logits with the AC-GAN head)."""
 
     def __init__(
-        self, width: int, resolution: int, channels: int, norm: str = "none", spectral_norm: bool = True
+        self,
+        width: int,
+        resolution: int,
+        channels: int,
+        norm: str = "none",
+        spectral_norm: bool = True,
+        num_classes: int = 0,
+        classify: bool = False,
     ) -> None:
         super().__init__()
         steps = resolution_steps(resolution)
@@ -113,8 +133,9 @@ class Discriminator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         linear = _init(nn.Linear(chans[-1], 1))
         self.linear = _spectral_norm(linear) if spectral_norm else linear
+        self.critic = ConditionalCritic(chans[-1], num_classes, True, classify, spectral_norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pool, as in SNGAN
-        return self.linear(h).squeeze(1)
+        return self.critic(self.linear(h).squeeze(1), h, labels)
 

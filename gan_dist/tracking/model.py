@@ -10,10 +10,11 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from gan_dist.tracking.info import package_versions
-from gan_dist.models.io import load_generator
+from gan_dist.models import model_config
+from gan_dist.models.io import generate, load_generator
 
 GENERATOR_MODEL_NAME = "generator"
 # MLflow imports this module to load the model and calls its _load_pyfunc. Models logged before tracking
@@ -42,24 +43,35 @@ def log_generator_model(generator_file: Path, run_id: str, experiment_id: str, r
 
 
 def generator_signature(meta: dict[str, Any]) -> ModelSignature:
-    """z [N, z_dim] float32 -> images [N, C, R, R] float32 in [-1, 1]."""
+    """z [N, z_dim] float32 -> images [N, C, R, R] float32 in [-1, 1]; params ``truncation_psi`` (1.0: none,
+    style-based generators only) and ``class_label`` (a conditional generator's class; -1: drawn uniformly)."""
     z_dim, res, ch = meta["model"]["z_dim"], meta["resolution"], meta["channels"]
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, ch, res, res))]),
+        params=ParamSchema([ParamSpec("truncation_psi", "float", 1.0), ParamSpec("class_label", "long", -1)]),
     )
 
 
 class GeneratorModel:
     """What ``mlflow.pyfunc.load_model`` returns the logged generator as."""
 
-    def __init__(self, generator: torch.nn.Module) -> None:
-        self.generator = generator
+    def __init__(self, generator: torch.nn.Module, num_classes: int = 0) -> None:
+        self.generator, self.num_classes = generator, num_classes
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        """z [N, z_dim] -> images [N, C, R, R] in [-1, 1]."""
+        """z [N, z_dim] -> images [N, C, R, R] in [-1, 1]; ``params={"truncation_psi": 0.7}`` truncates,
+        ``{"class_label": 3}`` draws class 3 from a conditional generator (unset: a uniform class per row)."""
+        params = params or {}
+        psi, label = float(params.get("truncation_psi", 1.0)), int(params.get("class_label", -1))
         with torch.no_grad():
-            return self.generator(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+            z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+            labels = None
+            if self.num_classes:
+                if label >= self.num_classes:
+                    raise ValueError(f"class_label must be in 0..{self.num_classes - 1}, got {label}")
+                labels = torch.full((len(z),), label) if label >= 0 else torch.randint(self.num_classes, (len(z),))
+            return generate(self.generator, z, psi, labels).numpy()
 
     def get_raw_model(self) -> torch.nn.Module:
         return self.generator
@@ -67,4 +79,5 @@ class GeneratorModel:
 
 def _load_pyfunc(data_path: str) -> GeneratorModel:
     """MLflow's pyfunc loader hook: weights load with torch.load(weights_only=True) via load_generator."""
-    return GeneratorModel(load_generator(data_path)[0])
+    generator, meta = load_generator(data_path)
+    return GeneratorModel(generator, model_config(meta["model"]).classes())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from gan_dist.models.io import FORMAT_VERSION, STATE_FILE, read_state
+from gan_dist.models.io import FORMAT_VERSION, STATE_FILE
 from gan_dist.train.step import GanModules, bare
 
 CONFIG_FILE = "config.yaml"
@@ -48,27 +48,49 @@ def _as_tuples(value: Any) -> Any:
 
 
 def training_state(m: GanModules, **extra: Any) -> dict[str, Any]:
-    """Model, EMA, optimizer and scaler state plus ``extra`` (step, rng, data position, config, ...)."""
-    return {
+    """Model, EMA, optimizer, schedule, scaler and augmentation state plus ``extra`` (step, rng, data position,
+    config, ...)."""
+    state = {
         "g": bare(m.g).state_dict(),
         "d": bare(m.d).state_dict(),
         "g_ema": m.g_ema.state_dict(),
         "opt_g": m.opt_g.state_dict(),
         "opt_d": m.opt_d.state_dict(),
+        "sched_g": m.sched_g.state_dict(),
+        "sched_d": m.sched_d.state_dict(),
         "scaler_g": m.scaler_g.state_dict(),
         "scaler_d": m.scaler_d.state_dict(),
         **extra,
     }
+    if m.augment is not None:
+        state["augment"] = m.augment.state_dict()  # ADA's p lives in the pipe
+    if m.ada is not None:
+        state["ada"] = m.ada.state_dict()
+    if m.pl_mean is not None:
+        state["pl_mean"] = m.pl_mean
+    return state
 
 
-def restore_modules(m: GanModules, state: dict[str, Any]) -> None:
+def restore_weights(m: GanModules, state: dict[str, Any]) -> None:
+    """G, D and EMA-G only (with their buffers: the mean style, BatchNorm statistics): a fine-tune's start."""
     bare(m.g).load_state_dict(state["g"])
     bare(m.d).load_state_dict(state["d"])
     m.g_ema.load_state_dict(state["g_ema"])
+
+
+def restore_modules(m: GanModules, state: dict[str, Any]) -> None:
+    """Everything :func:`training_state` saved, exactly. Parts a checkpoint does not hold (it predates
+    schedules, or its run had no augmentation or path-length penalty) keep their fresh state."""
+    restore_weights(m, state)
     m.opt_g.load_state_dict(state["opt_g"])
     m.opt_d.load_state_dict(state["opt_d"])
     m.scaler_g.load_state_dict(state["scaler_g"])
     m.scaler_d.load_state_dict(state["scaler_d"])
+    for key, part in (("sched_g", m.sched_g), ("sched_d", m.sched_d), ("augment", m.augment), ("ada", m.ada)):
+        if part is not None and key in state:
+            part.load_state_dict(state[key])
+    if m.pl_mean is not None and "pl_mean" in state:
+        m.pl_mean.copy_(state["pl_mean"])
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -79,7 +101,3 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(state["config"], sort_keys=False))
     return directory
 
-
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; refuses anything that is not plain data."""
-    return read_state(directory, map_location)

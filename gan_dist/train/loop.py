@@ -20,11 +20,12 @@ from gan_dist import storage
 from gan_dist.config import GanConfig
 from gan_dist.data.images import image_grid, to_uint8
 from gan_dist.data.loader import build_loader, to_float
+from gan_dist.data.plan import DataPosition
 from gan_dist.metrics.runner import build_extractor, real_statistics
 from gan_dist.models.io import read_state
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.tracking.tracker import MlflowTracker, NullTracker, Tracker
-from gan_dist.train.checkpoint import restore_modules, restore_rng, training_state
+from gan_dist.train.checkpoint import restore_modules, restore_rng, restore_weights, training_state
 from gan_dist.train.modules import build_modules
 from gan_dist.train.phases import (
     Evaluation,
@@ -42,7 +43,7 @@ from gan_dist.train.phases import (
     record_stop,
     window_metrics,
 )
-from gan_dist.train.step import discriminator_step, generator_step
+from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
 CHAOS_ENV = "GAN_DIST_CHAOS_FILE"
 
@@ -50,14 +51,15 @@ CHAOS_ENV = "GAN_DIST_CHAOS_FILE"
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``train_loop_per_worker``)."""
     w = start_worker(GanConfig.model_validate(config))
-    crash_after = _chaos_step(w.cfg.run.name, w.rank)
+    drill = _fault_drill(w.cfg.run.name, w.rank)
     status = "FAILED"
     try:
         while w.step < w.cfg.train.steps:
-            w.window.add(train_step(w))
+            train_step(w)
             w.step += 1
-            if w.step == crash_after:
-                _crash(w)
+            if drill and w.step == drill["step"]:
+                _inject_fault(w, drill.get("fault", "exit"))
+                drill = None
             metrics = window_metrics(w)
             if metrics is not None and handle_nonfinite(w, metrics):
                 continue
@@ -74,21 +76,34 @@ def train_worker(config: dict[str, Any]) -> None:
         w.tracker.finish(status)
 
 
-def train_step(w: Worker) -> dict[str, torch.Tensor]:
-    """``n_critic`` D steps, each on the next real batch, then one G step; the terms of all of them."""
-    cfg, batch = w.cfg, w.cfg.per_worker_batch()
-    terms: dict[str, torch.Tensor] = {}
+def train_step(w: Worker) -> None:
+    """``n_critic`` D steps, each on the next real batch, then one G step; every step's terms to the window.
+
+    A conditional model draws its fakes for the classes of the real batch (so fakes follow the data's class
+    distribution); the G step reuses the last real batch's classes."""
+    cfg, batch = w.cfg, w.cfg.train.batch_size // w.world
+    labels = None
     for k in range(cfg.train.n_critic):
+        fresh = w.data.position.batches == 0
         wait_start = time.perf_counter()
-        real = to_float(next(w.data), w.device)
+        data = next(w.data)
+        real = to_float(data.images, w.device)
+        if cfg.train.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        if cfg.model.conditional:
+            labels = data.labels.to(w.device, non_blocking=True)
         w.window.data_wait += time.perf_counter() - wait_start
-        if w.data_batches == 0 and w.rank == 0:  # a fresh run shows what it learns from, once
+        if fresh and w.rank == 0:  # a fresh run shows what it learns from, once
             w.tracker.log_image(image_grid(to_uint8(real[: cfg.train.sample_grid])), key="real_samples", step=0)
-        w.data_batches += 1
         z = torch.randn(batch, cfg.model.z_dim, device=w.device, generator=w.noise)
-        terms = discriminator_step(w.m, cfg, real, z, w.step * cfg.train.n_critic + k, w.device)
+        gp_eps = torch.rand(batch, device=w.device, generator=w.noise) if cfg.loss.name == "wgan-gp" else None
+        index = w.step * cfg.train.n_critic + k
+        w.window.add(discriminator_step(w.m, cfg, DiscriminatorBatch(real, z, gp_eps, labels), index))
+        if w.m.ada is not None and (index + 1) % cfg.augment.interval == 0:
+            w.augment_stats = w.m.ada.update(w.m.augment)  # one host sync per interval
     z = torch.randn(batch, cfg.model.z_dim, device=w.device, generator=w.noise)
-    return {**terms, **generator_step(w.m, cfg, z, w.step, w.device)}
+    w.window.add(generator_step(w.m, cfg, GeneratorBatch(z, labels), w.step))
+    w.window.steps += 1
 
 
 def start_worker(cfg: GanConfig) -> Worker:
@@ -99,38 +114,48 @@ def start_worker(cfg: GanConfig) -> Worker:
     m = build_modules(cfg, device)
     noise = torch.Generator(device=device)
     noise.manual_seed(cfg.train.seed * 100_003 + rank)  # different noise on each rank, reproducible
-    step = data_batches = skipped_before = 0
-    run_id = None
-    resumed = _resume_state(cfg, device)
+    step = skipped_before = 0
+    run_id, position = None, DataPosition()
+    resumed, whole = _resume_state(cfg, device)
+    if resumed is not None and not whole:  # a fine-tune: the weights, on a fresh step count and data stream
+        restore_weights(m, resumed)
+        resumed = None
     if resumed is not None:
         restore_modules(m, resumed)
-        step, data_batches, skipped_before = resumed["step"], resumed["data_batches"], resumed["data_skipped"]
-        if resumed["config"]["run"]["name"] == cfg.run.name:  # fine-tuning into a new name opens a new run
+        step, skipped_before = resumed["step"], resumed["data_skipped"]
+        # A checkpoint from before data positions existed continues the stream at its batch count.
+        position = DataPosition.from_state(resumed.get("data_position", {"batches": resumed["data_batches"],
+                                                                         "layouts": []}))  # fmt: skip
+        if resumed["config"]["run"]["name"] == cfg.run.name:  # continuing into a new name opens a new run
             run_id = resumed["mlflow_run_id"]
         if len(resumed["rng"]) == world:  # same world size: continue each rank's random streams exactly
             restore_rng(resumed["rng"][rank], noise)
     tracker = _open_tracker(cfg, rank, world, run_id, step)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
+    data = build_loader(cfg, rank, world, position)
     return Worker(
-        cfg=cfg, rank=rank, world=world, device=device, m=m, noise=noise, tracker=tracker,
-        data=build_loader(cfg, rank, world, start_batch=data_batches),
+        cfg=cfg, rank=rank, world=world, device=device, m=m, noise=noise, tracker=tracker, data=data,
         fixed_z=fixed_z.to(device),
+        class_names=list(data.plan.class_names), class_counts=list(data.plan.class_counts),
         evaluation=_start_evaluation(cfg, rank, world, device),
         last_good=host_copy(resumed or {"step": 0, **training_state(m)}),
-        step=step, data_batches=data_batches, skipped_before=skipped_before,
+        step=step, skipped_before=skipped_before,
     )  # fmt: skip
 
 
-def _resume_state(cfg: GanConfig, device: torch.device) -> dict[str, Any] | None:
-    """Ray's latest checkpoint of this run (restart or same-name rerun), else ``checkpoint.resume_from``."""
-    checkpoint = ray.train.get_checkpoint()
+def _resume_state(cfg: GanConfig, device: torch.device) -> tuple[dict[str, Any] | None, bool]:
+    """The state to start from, and whether to take all of it: Ray's latest checkpoint of this run (a restart
+    or a same-name rerun: all of it), else ``checkpoint.resume_from`` (all of it with resume_mode=continue,
+    the weights only with finetune)."""
+    checkpoint, whole = ray.train.get_checkpoint(), True
     if checkpoint is None and cfg.checkpoint.resume_from:
         fs, path = pyarrow_filesystem(cfg.checkpoint.resume_from, cfg.storage)
         checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        whole = cfg.checkpoint.resume_mode == "continue"
     if checkpoint is None:
-        return None
+        return None, whole
     with checkpoint.as_directory() as ckpt_dir:
-        return read_state(ckpt_dir, map_location=device)
+        return read_state(ckpt_dir, map_location=device), whole
 
 
 def _open_tracker(cfg: GanConfig, rank: int, world: int, run_id: str | None, step: int) -> Tracker:
@@ -154,23 +179,31 @@ def _start_evaluation(cfg: GanConfig, rank: int, world: int, device: torch.devic
     cache = storage.join(storage.join(cfg.checkpoint.storage, cfg.run.name), "eval-cache")
     real_stats = real_statistics(
         cfg.data.url, cfg.storage, extractor, cfg.data.resolution, cfg.data.channels, cfg.eval.num_images,
-        cache, cfg.eval.batch_size, rank, world, device,
+        cache, cfg.eval.batch_size, rank, world, device, per_class=cfg.eval.per_class if cfg.model.conditional else 0,
     )  # fmt: skip
     return Evaluation(extractor, real_stats)
 
 
-def _chaos_step(run_name: str, rank: int) -> int | None:
-    """Fault drill: if $GAN_DIST_CHAOS_FILE names a JSON file {"run": NAME, "rank": R, "step": S}, rank R
-    of run NAME dies (os._exit) after step S, once: the file is removed first. Read once per worker start."""
+def _fault_drill(run_name: str, rank: int) -> dict[str, Any] | None:
+    """Fault drill: if $GAN_DIST_CHAOS_FILE names a JSON file {"run": NAME, "rank": R, "step": S, "fault": F},
+    rank R of run NAME suffers fault F after step S, once (the file is removed when it fires): "exit" (the
+    default) kills the process, "nan" poisons a parameter of D, "raise" raises an exception in the training
+    function. Read once per worker start."""
     path = os.environ.get(CHAOS_ENV)
     if not path or not os.path.isfile(path):
         return None
     with open(path) as f:
         plan = json.load(f)
-    return int(plan["step"]) if plan.get("run") == run_name and int(plan.get("rank", 0)) == rank else None
+    return plan if plan.get("run") == run_name and int(plan.get("rank", 0)) == rank else None
 
 
-def _crash(w: Worker) -> None:
+def _inject_fault(w: Worker, fault: str) -> None:
     os.remove(os.environ[CHAOS_ENV])
-    progress_logger().warning("chaos drill: rank %d exits after step %d", w.rank, w.step)
-    os._exit(3)
+    progress_logger().warning("fault drill: rank %d, %s after step %d", w.rank, fault, w.step)
+    if fault == "nan":
+        with torch.no_grad():
+            next(w.m.d.parameters()).fill_(float("nan"))
+    elif fault == "raise":
+        raise RuntimeError(f"fault drill: an exception in rank {w.rank} after step {w.step}")
+    else:
+        os._exit(3)

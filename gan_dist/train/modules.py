@@ -1,18 +1,23 @@
-"""What a rank trains: G, D, the EMA generator, their optimizers and gradient scalers, built identically
-on every rank and wrapped in DDP when there is more than one."""
+"""What a rank trains: G, D, the EMA generator, their optimizers, schedules and gradient scalers, the
+augmentation pipeline and the running regularizer state, built identically on every rank and wrapped in
+DDP when there is more than one."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR, StepLR
 
-from gan_dist.config import GanConfig
+from gan_dist.augment import AdaController, build_augment
+from gan_dist.config import GanConfig, ScheduleConfig
 from gan_dist.models import build_discriminator, build_generator
 
 
@@ -25,8 +30,15 @@ class GanModules:
     g_ema: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
+    sched_g: LRScheduler
+    sched_d: LRScheduler
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
+    g_fast: nn.Module  # g and d as the adversarial passes call them: torch.compile'd with train.compile
+    d_fast: nn.Module  # (the penalties' double backward cannot be compiled, so they call g and d)
+    augment: nn.Module | None = None  # applied to every image D sees
+    ada: AdaController | None = None  # adapts augment.p (ADA without a fixed p)
+    pl_mean: torch.Tensor | None = None  # running path length (style-based G with the penalty on)
 
 
 def bare(module: nn.Module) -> nn.Module:
@@ -34,38 +46,89 @@ def bare(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LRScheduler:
+    """``cfg``'s schedule over ``total_steps`` optimizer steps: a linear warm-up, then constant/step/cosine."""
+    after = max(1, total_steps - cfg.warmup_steps)
+    if cfg.kind == "step":
+        main: LRScheduler = StepLR(optimizer, step_size=cfg.step_every, gamma=cfg.gamma)
+    elif cfg.kind == "cosine":
+        base = optimizer.param_groups[0]["lr"]
+        main = CosineAnnealingLR(optimizer, T_max=after, eta_min=base * cfg.min_ratio)
+    else:
+        main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if not cfg.warmup_steps:
+        return main
+    # The k-th step (from 0) runs at (k+1)/warmup of the rate: no step at a rate of exactly 0.
+    warmup = LinearLR(optimizer, start_factor=1.0 / cfg.warmup_steps, total_iters=cfg.warmup_steps - 1)
+    return SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
+
+
 def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
-    """G, D, EMA-G and their optimizers; G and D wrapped in DDP when there is more than one rank."""
+    """G, D, EMA-G, optimizers, schedules, scalers and augmentation; G and D in DDP above one rank."""
     torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
     res, ch = cfg.data.resolution, cfg.data.channels
     g = build_generator(cfg.model, res, ch)
-    d = build_discriminator(cfg.model, res, ch)
+    d = build_discriminator(cfg.model, res, ch, classify=cfg.loss.ac_weight > 0)
     if cfg.train.sync_batchnorm:
         g, d = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (g, d))
-    g, d = g.to(device), d.to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    g, d = g.to(device, memory_format=memory_format), d.to(device, memory_format=memory_format)
     g_ema = copy.deepcopy(g).eval().requires_grad_(False)
     # Ray Train sets up a process group even for one worker; DDP there would only add hooks and copies.
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         ids = [device.index] if device.type == "cuda" else None
         g, d = DistributedDataParallel(g, device_ids=ids), DistributedDataParallel(d, device_ids=ids)
     # One fused kernel per optimizer step on GPU instead of a launch per parameter tensor.
-    adam = {"betas": cfg.optim.betas, "fused": True if device.type == "cuda" else None}
+    adam = {"betas": cfg.optim.betas, "eps": cfg.optim.eps, "fused": True if device.type == "cuda" else None}
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.optim.g_lr, **adam)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.optim.d_lr, **adam)
     fp16 = cfg.train.precision == "fp16"
+    aug = cfg.augment
+    options = {"policy": aug.policy} if aug.kind == "diffaug" else {}
+    augment = build_augment(aug.kind, ch, **options)
+    if augment is not None:
+        augment = augment.to(device)
+        if aug.kind == "ada" and aug.p is not None:
+            augment.p.fill_(aug.p)
+    adaptive = aug.kind == "ada" and aug.p is None
     return GanModules(
         g=g,
         d=d,
         g_ema=g_ema,
-        opt_g=torch.optim.Adam(g.parameters(), lr=cfg.optim.g_lr, **adam),
-        opt_d=torch.optim.Adam(d.parameters(), lr=cfg.optim.d_lr, **adam),
+        opt_g=opt_g,
+        opt_d=opt_d,
+        sched_g=build_scheduler(opt_g, cfg.optim.g_schedule, cfg.train.steps),
+        sched_d=build_scheduler(opt_d, cfg.optim.d_schedule, cfg.train.steps * cfg.train.n_critic),
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
+        g_fast=torch.compile(g) if cfg.train.compile else g,
+        d_fast=torch.compile(d) if cfg.train.compile else d,
+        augment=augment,
+        ada=AdaController(aug.target, aug.interval, aug.speed_kimg, batch_size=cfg.train.batch_size) if adaptive else None,
+        pl_mean=torch.zeros((), device=device) if cfg.loss.pl_weight else None,
     )
 
 
-def parameter_digest(m: GanModules) -> str:
-    """sha256 over G's and D's parameters: equal on every rank iff the DDP replicas are in sync."""
-    h = hashlib.sha256()
+def batchnorm_statistics(module: nn.Module) -> set[int]:
+    """ids of the running-statistics buffers of the BatchNorm layers in ``module``."""
+    return {id(b) for m in module.modules() if isinstance(m, _BatchNorm) for b in m.buffers(recurse=False)}
+
+
+def replicated_tensors(m: GanModules) -> Iterator[torch.Tensor]:
+    """Every tensor that must be identical on all ranks: the parameters and buffers of G, D and EMA-G, except
+    the BatchNorm statistics of G and D (each rank's come from its own batches, and training never reads
+    them: G and D run in training mode, samples come from EMA-G, whose statistics are recomputed)."""
     for module in (bare(m.g), bare(m.d)):
-        for p in module.parameters():
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        per_rank = batchnorm_statistics(module)
+        yield from module.parameters()
+        yield from (b for b in module.buffers() if id(b) not in per_rank)
+    yield from m.g_ema.parameters()
+    yield from m.g_ema.buffers()
+
+
+def parameter_digest(m: GanModules) -> str:
+    """sha256 over the replicated tensors: equal on every rank iff the DDP replicas are in sync."""
+    h = hashlib.sha256()
+    for tensor in replicated_tensors(m):
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

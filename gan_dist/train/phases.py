@@ -24,17 +24,21 @@ from PIL import Image
 
 from gan_dist import storage
 from gan_dist.config import GanConfig
-from gan_dist.data.images import image_grid, to_uint8
+from gan_dist.data.images import image_grid, labelled_rows, to_uint8
 from gan_dist.data.loader import BatchIterator
 from gan_dist.metrics.extractors import FeatureExtractor
 from gan_dist.metrics.runner import RealStats, evaluate_generator_distributed
 from gan_dist.models.io import export_generator
 from gan_dist.storage import pyarrow_filesystem
+from gan_dist.tracking.redact import redact
 from gan_dist.tracking.tracker import Tracker
 from gan_dist.train.checkpoint import capture_rng, restore_modules, save_checkpoint, training_state
 from gan_dist.train.modules import GanModules, parameter_digest
+from gan_dist.train.step import Terms, standing_statistics
 
 STOP_MARKER = "stopped.json"
+PARAMS_FINITE = "train/params_finite"
+STANDING_BATCHES = 8  # batches of noise over which EMA-G's BatchNorm statistics are recomputed
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,28 +76,32 @@ def all_gather(obj: Any, world: int) -> list[Any]:
 
 @dataclass
 class Window:
-    """Sums of the step terms since the last log, kept as tensors on the device: no host sync per step."""
+    """Sums of the step terms since the last log, kept as tensors on the device: no host sync per step.
+
+    A term is a tensor, or ``(value, weight)`` for a weighted mean (a gradient norm counts only on the
+    steps where it is finite). Terms that appear on some steps only (lazy R1) are averaged over those."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    steps: int = 0
+    counts: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    steps: int = 0  # G steps
     data_wait: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for key, value in terms.items():  # lazy terms (R1) appear on some steps only: count per key
-            self.sums[key] = self.sums.get(key, 0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
-        self.steps += 1
+    def add(self, terms: Terms) -> None:
+        for key, term in terms.items():
+            value, weight = term if isinstance(term, tuple) else (term, 1.0)
+            self.sums[key] = self.sums.get(key, 0) + value * weight
+            self.counts[key] = self.counts.get(key, 0) + weight
 
     def means(self, world: int) -> dict[str, float]:
-        """Window means, averaged over ranks: one all-reduce (one host sync) per log interval."""
+        """Weighted means over the window and every rank: one all-reduce (one host sync) per log interval."""
         keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k].float() / self.counts[k] for k in keys])
+        sums = torch.stack([self.sums[k].float() for k in keys])
+        stacked = torch.stack([sums, torch.stack([torch.as_tensor(self.counts[k]).to(sums) for k in keys])])
         if world > 1:
             dist.all_reduce(stacked)
-            stacked /= world
-        return dict(zip(keys, stacked.tolist()))
+        totals, counts = stacked
+        return dict(zip(keys, torch.where(counts > 0, totals / counts.clamp_min(1e-12), 0.0).tolist()))
 
 
 @dataclass
@@ -118,26 +126,41 @@ class Worker:
     evaluation: Evaluation | None
     last_good: dict[str, Any]  # host copy of the state to roll back to
     step: int = 0
-    data_batches: int = 0
     skipped_before: int = 0  # samples skipped before this attempt's loader started
     rollbacks: int = 0
     window: Window = field(default_factory=Window)
+    class_names: list[str] = field(default_factory=list)  # the dataset's classes (a labelled dataset)
+    class_counts: list[int] = field(default_factory=list)
+    augment_stats: dict[str, float] = field(default_factory=dict)  # ADA's latest p and r_t
+    ema_ready_at: int = -1  # the step at which EMA-G's BatchNorm statistics were last recomputed
 
     def due(self, every: int) -> bool:
         return self.step % every == 0 or self.step == self.cfg.train.steps
 
 
 def window_metrics(w: Worker) -> dict[str, float] | None:
-    """The window's means across ranks at log and checkpoint steps (identical on every rank), else None."""
+    """The window's means across ranks at log and checkpoint steps (identical on every rank), else None.
+
+    They include ``train/params_finite`` (1.0 iff every parameter of G and D is finite on every rank)."""
     if not (w.due(w.cfg.train.log_every) or w.due(w.cfg.checkpoint.every)):
         return None
+    params = [p for module in (w.m.g, w.m.d) for p in module.parameters()]
+    w.window.add({PARAMS_FINITE: torch.stack([torch.isfinite(p).all() for p in params]).all().float()})
     return w.window.means(w.world)
+
+
+def diverged(metrics: dict[str, float]) -> list[str]:
+    """What makes a run diverged: a non-finite loss or parameter. Not a gradient norm: an fp16 step the
+    GradScaler skipped has an infinite one, and that is the scaler doing its job."""
+    bad = sorted(k for k, v in metrics.items() if k.startswith("losses/") and not math.isfinite(v))
+    return bad + (["parameters"] if metrics.get(PARAMS_FINITE, 1.0) < 1.0 else [])
 
 
 def handle_nonfinite(w: Worker, metrics: dict[str, float]) -> bool:
     """On NaN/Inf: roll back to the last good state (True: the caller skips this step's other phases), or
     raise StopTraining when the config says stop or the rollbacks are used up."""
-    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    bad = diverged(metrics)
+    metrics.pop(PARAMS_FINITE, None)
     if not bad:
         return False
     if w.cfg.train.nan_action == "stop" or w.rollbacks >= w.cfg.train.max_rollbacks:
@@ -163,6 +186,7 @@ def maybe_log(w: Worker, metrics: dict[str, float] | None) -> None:
     metrics["optim/lr_g"] = w.m.opt_g.param_groups[0]["lr"]
     metrics["optim/lr_d"] = w.m.opt_d.param_groups[0]["lr"]
     metrics["optim/nan_rollbacks"] = w.rollbacks
+    metrics.update(w.augment_stats)
     if w.device.type == "cuda":
         metrics["throughput/gpu_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 2**30
     w.tracker.log_metrics(metrics, step=w.step)
@@ -182,15 +206,37 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def sample_grid(g_ema: torch.nn.Module, z: torch.Tensor) -> Image.Image:
-    with torch.no_grad():
+def ready_ema(w: Worker) -> torch.nn.Module:
+    """EMA-G with BatchNorm statistics that belong to its weights (recomputed once per step at most)."""
+    if w.ema_ready_at != w.step:
+        cfg = w.cfg
+        standing_statistics(
+            w.m.g_ema, cfg.model.z_dim, cfg.train.batch_size, STANDING_BATCHES, cfg.train.seed, cfg.model.classes()
+        )
+        w.ema_ready_at = w.step
+    return w.m.g_ema
+
+
+MAX_GRID_CLASSES = 10  # rows of a conditional run's sample grid
+
+
+@torch.no_grad()
+def sample_grid(g_ema: torch.nn.Module, z: torch.Tensor, class_names: list[str] | None = None) -> Image.Image:
+    """The fixed-noise grid; for a conditional G one labelled row per class (the first 10), the same
+    latents in every row, so what changes down a column is the class alone."""
+    if not class_names:
         return image_grid(to_uint8(g_ema(z)))
+    names = class_names[:MAX_GRID_CLASSES]
+    per_row = max(1, z.shape[0] // len(names))
+    labels = torch.arange(len(names), device=z.device).repeat_interleave(per_row)
+    return labelled_rows(to_uint8(g_ema(z[:per_row].repeat(len(names), 1), labels)), names)
 
 
 def maybe_sample(w: Worker) -> None:
     """The fixed-noise EMA sample grid to MLflow (rank 0), every ``train.sample_every`` steps."""
     if w.rank == 0 and w.due(w.cfg.train.sample_every):
-        w.tracker.log_image(sample_grid(w.m.g_ema, w.fixed_z), key="samples", step=w.step)
+        names = w.class_names if w.cfg.model.conditional else None
+        w.tracker.log_image(sample_grid(ready_ema(w), w.fixed_z, names), key="samples", step=w.step)
 
 
 def maybe_evaluate(w: Worker) -> None:
@@ -199,8 +245,9 @@ def maybe_evaluate(w: Worker) -> None:
     if w.evaluation is None or not w.due(cfg.eval.every):
         return
     scores = evaluate_generator_distributed(
-        w.m.g_ema, cfg.model.z_dim, w.evaluation.extractor, w.evaluation.real_stats, cfg.eval.num_images,
+        ready_ema(w), cfg.model.z_dim, w.evaluation.extractor, w.evaluation.real_stats, cfg.eval.num_images,
         cfg.eval.batch_size, w.rank, w.world, w.device, seed=cfg.train.seed,
+        class_counts=w.class_counts if cfg.model.conditional else None,
     )  # fmt: skip
     if scores is not None:  # rank 0
         w.tracker.log_metrics({f"quality/{k}": v for k, v in scores.items()}, step=w.step)
@@ -211,15 +258,18 @@ def maybe_checkpoint(w: Worker) -> None:
     """Every ``checkpoint.every`` steps: the whole training state through Ray Train (rank 0's files)."""
     if not w.due(w.cfg.checkpoint.every):
         return
+    ready_ema(w)  # the saved EMA-G, and the replica digest, include its statistics
     state = training_state(
         w.m,
         step=w.step,
-        data_batches=w.data_batches,
+        data_batches=w.data.position.batches,
+        data_position=w.data.position.to_state(),
         data_skipped=w.skipped_before + sum(all_gather(w.data.skipped, w.world)),
-        samples_seen=w.data_batches * w.cfg.train.batch_size,
+        samples_seen=w.data.position.batches * w.cfg.train.batch_size,
         rng=all_gather(capture_rng(w.noise), w.world),
         mlflow_run_id=w.tracker.run_id,
-        config=w.cfg.model_dump(mode="json"),
+        config=redact(w.cfg.model_dump(mode="json")),
+        class_names=w.class_names,
     )
     w.last_good = host_copy(state)
     report_checkpoint(state, w)
@@ -283,8 +333,10 @@ def _archive(local_dir: str, cfg: GanConfig, name: str) -> None:
 
 def log_final_generator(w: Worker) -> None:
     """The final EMA generator as an MLflow model (optionally registered); bounded wait inside the tracker."""
+    ready_ema(w)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, training_state(w.m, step=w.step, config=w.cfg.model_dump(mode="json")))
+        state = training_state(w.m, step=w.step, config=redact(w.cfg.model_dump(mode="json")), class_names=w.class_names)
+        save_checkpoint(tmp, state)
         exported = export_generator(tmp, f"{tmp}/generator.pt")
         w.tracker.log_generator(exported, register_as=w.cfg.tracking.register_model)
 
