@@ -58,7 +58,7 @@ def gan_dist_step(
     if prepare is not None:
         prepare(m)
     noise = torch.Generator(device=device).manual_seed(cfg.train.seed * 100_003)
-    batch, state = cfg.per_worker_batch(), {"step": 0, "window": Window()}
+    batch, state = cfg.train.batch_size, {"step": 0, "window": Window()}  # one rank: the whole batch
 
     def step() -> None:
         real = to_float(next(data).images, device) if data.__class__.__name__ == "BatchIterator" else next(data)
@@ -72,7 +72,8 @@ def gan_dist_step(
 
 
 def wrap_in_ddp(m: Any) -> None:
-    m.g, m.d = DistributedDataParallel(m.g), DistributedDataParallel(m.d)
+    m.g = m.g_fast = DistributedDataParallel(m.g)
+    m.d = m.d_fast = DistributedDataParallel(m.d)
 
 
 def components(cfg: Any, m: Any) -> dict[str, Callable[[], None]]:

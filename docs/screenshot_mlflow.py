@@ -4,9 +4,11 @@
     python docs/screenshot_mlflow.py --store sqlite:////abs/gan_dist_mlflow.db --run my-run
 
 Starts ``mlflow server`` over the store on 127.0.0.1 (a free port; an http:// store is used as it is),
-points Debian's headless chromium (``apt-get install -y chromium``) at the run page's Artifacts tab showing
-the latest fixed-noise sample grid, saves the PNG and stops every process it started by its pid.
-(The "Model metrics" tab's image-grid card lists all ~70 params above the image, hiding it.)
+points Debian's headless chromium (``apt-get install -y chromium``; playwright is not needed) at the run's
+"Model metrics" tab in the UI's "Machine learning" layout, tall enough to show every metric section
+(losses/, discriminator/, optim/, throughput/) and, below them, the fixed-noise sample grid with its step
+slider; saves the PNG and stops every process it started by its pid. ``--tab overview`` shows the run's
+description, params and tags instead.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ sys.path.insert(0, str(REPO))  # the server wrapper is the tests' one: same star
 import mlflow  # noqa: E402
 
 from gan_dist.config import build_config  # noqa: E402
-from gan_dist.tracking.info import RUN_NAME_TAG  # noqa: E402
+from gan_dist.tracking.info import RUN_NAME_TAG, latest_sample_grid, run_page  # noqa: E402
 from tests.fixtures_mlflow import MlflowServer  # noqa: E402
 
 RUN_NAME = "digits-demo"
 CHROMIUM_TIMEOUT_S = 180
+TABS = {"metrics": "model-metrics", "overview": ""}  # --tab: the run page's tab (its URL path)
 # MLflow's UI opens its Assistant panel over a third of the page when the host is loopback: browse the
 # server under another name that chromium resolves to 127.0.0.1, and let the server accept that name.
 UI_HOST = "mlflow.local"
@@ -61,8 +64,9 @@ def train_demo(work: Path) -> str:
     return cfg.tracking.uri
 
 
-def run_page(store: str, experiment: str, run_name: str | None) -> str:
-    """The UI path of the run's latest "samples" grid (the experiment's latest run without ``run_name``)."""
+def page_of(store: str, experiment: str, run_name: str | None, tab: str) -> str:
+    """The UI path of the run's ``tab`` (the experiment's latest run without ``run_name``); the run must have a
+    sample grid."""
     client = mlflow.MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -74,24 +78,20 @@ def run_page(store: str, experiment: str, run_name: str | None) -> str:
     if not runs:
         sys.exit(f"no run {run_name or ''} in experiment '{experiment}'")
     run_id = runs[0].info.run_id
-    # log_image(key="samples", step=N) writes images/samples+step+N+timestamp+...png
-    grids = [a.path for a in client.list_artifacts(run_id, "images") if Path(a.path).name.startswith("samples+step+")]
-    grids = [p for p in grids if p.endswith(".png")]
-    if not grids:
+    if latest_sample_grid(client, run_id) is None:
         sys.exit(f"run {run_id} has no sample grid")
-    latest = max(grids, key=lambda p: int(Path(p).name.split("+")[2]))
-    # workflowType: the UI's "Model training" layout rather than its GenAI default
-    return f"#/experiments/{exp.experiment_id}/runs/{run_id}/artifacts/{latest}?workflowType=machine_learning"
+    path, query = run_page(exp.experiment_id, run_id).split("?")
+    return f"{path}/{TABS[tab]}?{query}" if TABS[tab] else f"{path}?{query}"
 
 
-def screenshot(url: str, out: Path, budget_ms: int, profile: Path) -> None:
+def screenshot(url: str, out: Path, budget_ms: int, profile: Path, height: int = 1000) -> None:
     """Headless chromium; the UI is a JS app, so the virtual-time budget lets it fetch and draw first (and
     --run-all-compositor-stages-before-draw makes virtual time produce frames, which lazy UI parts wait for)."""
     cmd = [
         "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={profile}", f"--host-resolver-rules=MAP {UI_HOST} 127.0.0.1", "--hide-scrollbars",
-        "--window-size=1400,1000", "--run-all-compositor-stages-before-draw",
+        f"--window-size=1400,{height}", "--run-all-compositor-stages-before-draw",
         f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="gan_dist")
     parser.add_argument("--run", help="gan_dist run name (default: the experiment's latest run)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow_run.png")
+    parser.add_argument("--tab", choices=sorted(TABS), default="metrics")
+    parser.add_argument("--height", type=int, default=3500, help="window height: the metrics tab is long")
     parser.add_argument(
         "--budget-ms",
         type=int,
@@ -123,14 +125,14 @@ def main() -> None:
         work = Path(tmp)
         store = args.store or train_demo(work)
         run_name = args.run or (None if args.store else RUN_NAME)
-        page = run_page(store, args.experiment, run_name)
+        page = page_of(store, args.experiment, run_name, args.tab)
         remote = store.startswith(("http://", "https://"))
         server = None if remote else MlflowServer(work, backend_store_uri=store, extra_args=SERVER_ARGS)
         try:
             if server is not None:
                 server.start()
             base = store if server is None else f"http://{UI_HOST}:{server.port}"
-            screenshot(f"{base}/{page}", args.out.resolve(), args.budget_ms, work / "chromium-profile")
+            screenshot(f"{base}/{page}", args.out.resolve(), args.budget_ms, work / "chromium-profile", args.height)
         finally:
             if server is not None:
                 server.stop()

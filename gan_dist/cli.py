@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from gan_dist.config import ConfigError, load_config
+
+if TYPE_CHECKING:  # imported lazily, per command
+    from gan_dist.config import GanConfig
+    from gan_dist.console import RunConsole
+    from gan_dist.driver import TrainingOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True, soft_wrap=True)
@@ -48,6 +54,8 @@ def prepare(
 
     if channels not in (1, 3):
         _fail("error", "--channels must be 1 or 3")
+    out.print(f"preparing {escape(source)} -> {escape(out_dir)}: {resolution}px, {channels} channel(s), "
+              f"{samples_per_shard} images per shard, {image_format}", highlight=False)  # fmt: skip
     try:
         manifest = run_prepare(
             source,
@@ -64,12 +72,14 @@ def prepare(
             processes=processes,
             shuffle=shuffle,
             storage=StorageConfig(endpoint_url=endpoint_url),
+            progress=err.is_terminal,  # a bar on a terminal; in a log, the lines around it say enough
         )
     except (ValueError, OSError) as exc:
-        _fail("error", str(exc))
+        _fail("error", escape(str(exc)))
     out.print(
-        f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {out_dir} "
-        f"({len(manifest.skipped)} inputs skipped)"
+        f"[green]✓[/] wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {escape(out_dir)} "
+        f"({len(manifest.skipped)} inputs skipped)\n  next: gan-dist inspect {escape(out_dir)}  ·  "
+        f"gan-dist train jobs/quickstart.yaml --set data.url={escape(out_dir)}", highlight=False,
     )
 
 
@@ -81,31 +91,62 @@ def train(
     resume: Optional[str] = typer.Option(
         None, help="Start from this checkpoint (path or s3:// URI), e.g. to fine-tune into a new run.name"
     ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show everything Ray prints"),
 ) -> None:
-    """Train a GAN on a Ray worker group; re-running with the same run.name continues that run."""
+    """Train a GAN on a Ray worker group; re-running with the same run.name continues that run.
+
+    Ctrl-C once: checkpoint the current step and stop (continue later with the same run.name); twice: stop now."""
+    from gan_dist.console import RunConsole, quiet_ray
+
+    quiet_ray(verbose, local=address is None and not os.environ.get("RAY_ADDRESS"))  # before Ray is imported
     items = list(overrides or []) + ([f"checkpoint.resume_from={resume}"] if resume else [])
     try:
         cfg = load_config(config, items)
-        from gan_dist.driver import preflight, run_training
-        from gan_dist.train.phases import NonFiniteLoss
+        from gan_dist.driver import preflight
 
-        preflight(cfg)
+        plan = preflight(cfg)
     except (ConfigError, ValueError) as exc:
-        _fail("config error", str(exc))
-    out.print(
-        f"run [bold]{cfg.run.name}[/]: {cfg.model.arch} / {cfg.loss.name}, {cfg.scaling.num_workers} workers, "
-        f"{cfg.train.steps} steps, global batch {cfg.train.batch_size}"
-    )
-    try:
-        outcome = run_training(cfg, address)
-    except NonFiniteLoss as exc:
-        _fail("training stopped", str(exc), code=1)
-    out.print(f"[green]done[/] at step {outcome.final_step}")
-    out.print(f"checkpoint: {outcome.checkpoint_path}")
-    from gan_dist.tracking.redact import redact_uri
+        _fail("config error", escape(str(exc)))
+    command = ["train", str(config), *(a for item in items for a in ("--set", item)),
+               *(["--address", address] if address else [])]  # fmt: skip
+    view = RunConsole(cfg, out, verbose, command)
+    view.header(address, data=f"{sum(plan.counts)} images in {len(plan.shards)} shards")
+    outcome = _run_watched(cfg, address, view, verbose)
+    from gan_dist.tracking.info import run_links
 
-    out.print(f"MLflow run: {outcome.mlflow_run_id} in {redact_uri(outcome.tracking_uri)}")
-    out.print(f"view it:    mlflow ui --backend-store-uri {redact_uri(outcome.tracking_uri)}")
+    view.summary(outcome, run_links(outcome.tracking_uri, outcome.mlflow_run_id))
+    if outcome.stopped:
+        raise typer.Exit(130)  # stopped by the user (Ctrl-C) before train.steps, as a shell's interrupted command
+
+
+def _run_watched(cfg: GanConfig, address: Optional[str], view: RunConsole, verbose: bool) -> TrainingOutcome:
+    """``run_training`` with the console's live view; problems the user can fix end as one message + hint."""
+    import ray.train
+
+    from gan_dist.console import explain_failure
+    from gan_dist.driver import RunError, run_training
+    from gan_dist.tracking.info import end_if_running
+
+    try:
+        with view.live():
+            return run_training(cfg, address, view, verbose)
+    except RunError as exc:
+        view.failure(exc.what, exc.message, exc.hint, exc.log_path)
+    except ray.train.TrainingFailedError as exc:
+        view.failure(*explain_failure(exc), log_path=getattr(exc, "gan_dist_log", None))
+        end_if_running(cfg.tracking.uri, view.state.mlflow_run_id, "FAILED")
+    except KeyboardInterrupt:
+        view.failure("stopped at once", "the latest checkpoint is kept",
+                     f"continue with: {view.continue_command(cfg.run.name, more_steps=False)}")  # fmt: skip
+        end_if_running(cfg.tracking.uri, view.state.mlflow_run_id, "KILLED")
+        raise typer.Exit(130)
+    except Exception as exc:
+        from gan_dist.train.phases import NonFiniteLoss  # the training stack: imported once a run went wrong
+
+        if not isinstance(exc, NonFiniteLoss):
+            raise
+        view.failure("training stopped", str(exc))
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -165,9 +206,15 @@ def submit(
     if credentials := jobs.credentials_in_environment():
         err.print(jobs.credentials_notice(credentials, forward_credentials), highlight=False)
     if follow:
+        out.print(f"following job {submitted}'s log (Ctrl-C stops following, not the job):", highlight=False)
         with _cluster_errors():
             final = jobs.follow(submitted, address, token_file)
-        out.print(f"job {submitted}: {final.value}")
+        if final is None:
+            out.print(f"stopped following; the job goes on: gan-dist status {submitted} / gan-dist stop {submitted} "
+                      f"--address {address}", highlight=False)  # fmt: skip
+            raise typer.Exit(130)
+        mark = "[green]✓[/]" if final.value == "SUCCEEDED" else "[red]✗[/]"
+        out.print(f"{mark} job {submitted}: {final.value}", highlight=False)
         raise typer.Exit(0 if final.value == "SUCCEEDED" else 1)
 
 
@@ -231,11 +278,17 @@ def evaluate(
 
     try:
         cfg = build_config({"data": {"url": data}}, overrides or [])
-        scores = run_evaluate(source, data, cfg.eval, cfg.storage, num_images, device, cache_dir, seed)
+        out.print(f"evaluating {escape(source)} against {escape(data)}: {num_images} real and {num_images} generated "
+                  f"images, {cfg.eval.extractor} features, on {device}", highlight=False)  # fmt: skip
+        scores = run_evaluate(source, data, cfg.eval, cfg.storage, num_images, device, cache_dir, seed,
+                              progress=err.is_terminal)  # fmt: skip
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
-        _fail("error", str(exc))
+        _fail("error", escape(str(exc)))
     for key, value in scores.items():
-        out.print(f"{key:12s} {value:.6g}")
+        out.print(f"  {key:12s} {value:.6g}", highlight=False)
+    if cfg.eval.extractor != "inception":
+        out.print(f"  ({cfg.eval.extractor} features: compare only with runs scored by the same extractor file, "
+                  "not with published FIDs; docs/evaluation.md)", highlight=False)  # fmt: skip
 
 
 @app.command()

@@ -56,6 +56,9 @@ class DataConfig(Section):
     class_balance: bool = Field(
         False, description="Draw each epoch's samples so that every class is equally frequent (labelled data)"
     )
+    audit: bool = Field(
+        False, description="Record which samples each rank trained on at each step (audit/ next to the checkpoints)"
+    )
 
 
 class LossConfig(Section):
@@ -120,11 +123,18 @@ class AugmentConfig(Section):
 
 
 class TrainConfig(Section):
-    batch_size: int = Field(64, ge=1, description="Global batch, split evenly across workers")
+    batch_size: int = Field(64, ge=1, description="Global batch, split across workers (shares differ by at most one)")
     steps: int = Field(1000, ge=1, description="Generator steps")
     seed: int = 0
     n_critic: int = Field(1, ge=1, description="D steps per G step")
     accumulate: int = Field(1, ge=1, description="Micro-batches per step on each rank (gradient accumulation)")
+    micro_batch: int | None = Field(
+        None, ge=1, description="At most this many images per forward on a rank: more micro-batches when fewer "
+        "workers carry the global batch (elastic runs); unset: train.accumulate as given"
+    )
+    preempt_grace_s: float = Field(
+        60.0, gt=0, description="After SIGTERM or a preemption notice: seconds to finish the step and checkpoint"
+    )
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA-G decay per step (with warm-up)")
     ema_kimg: float | None = Field(
         None, gt=0, description="EMA-G half-life in thousands of images (StyleGAN2-ADA); overrides ema_decay"
@@ -145,9 +155,32 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="Ray workers (one per GPU): a count, or [min, max] to train on whatever fits (elastic)"
+    )
+    resize_check_s: float = Field(60.0, gt=0, description="Elastic: seconds between checks whether more workers fit")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _positive(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(f"needs 1 <= min <= max workers, got {value}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class CheckpointConfig(Section):
@@ -208,10 +241,10 @@ class GanConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> GanConfig:
-        if self.train.batch_size % self.scaling.num_workers:
+        if self.train.batch_size < self.scaling.max_workers * self.train.accumulate:
             raise ValueError(
-                f"@train.batch_size@global batch {self.train.batch_size} is not divisible by "
-                f"scaling.num_workers={self.scaling.num_workers}"
+                f"@train.batch_size@global batch {self.train.batch_size} cannot give each of "
+                f"{self.scaling.max_workers} workers (scaling.num_workers) {self.train.accumulate} micro-batch(es)"
             )
         self._resolve_arch_defaults()
         batch_norm_d = getattr(self.model, "d_norm", "none") == "batch"
@@ -231,11 +264,6 @@ class GanConfig(Section):
             raise ValueError("@loss.ac_weight@the auxiliary classifier needs a conditional model (model.conditional=true)")
         if self.loss.ac_weight and not ARCHITECTURES[self.model.arch].auxiliary_classifier:
             raise ValueError(f"@loss.ac_weight@model.arch={self.model.arch} has no auxiliary classifier head")
-        if self.per_worker_batch() % self.train.accumulate:
-            raise ValueError(
-                f"@train.accumulate@the per-worker batch {self.per_worker_batch()} does not split into "
-                f"{self.train.accumulate} equal micro-batches"
-            )
         try:
             self.model.check_resolution(self.data.resolution)
         except ValueError as exc:
@@ -253,8 +281,11 @@ class GanConfig(Section):
         if self.loss.pl_weight is None:
             object.__setattr__(self.loss, "pl_weight", 2.0 if style_based else 0.0)
 
-    def per_worker_batch(self) -> int:
-        return self.train.batch_size // self.scaling.num_workers
+    def micro_batches(self, rank_batch: int) -> int:
+        """How many micro-batches a rank splits its ``rank_batch`` images of a step into."""
+        if self.train.micro_batch is None:
+            return self.train.accumulate
+        return max(self.train.accumulate, -(-rank_batch // self.train.micro_batch))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

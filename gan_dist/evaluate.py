@@ -21,14 +21,16 @@ def evaluate(
     device: torch.device | str = "cpu",
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, float]:
-    """Score a checkpoint directory or exported generator file against the dataset at ``data_url``."""
+    """Score a checkpoint directory or exported generator file against the dataset at ``data_url``
+    (``progress``: tqdm bars, for a terminal)."""
     g, meta = load_generator(source, map_location=device)
     g.to(device)
     extractor = build_extractor(cfg, device)
     real = real_statistics(data_url, storage, extractor, meta["resolution"], meta["channels"], num_images,
-                           cache_dir or default_cache_dir(), cfg.batch_size, device=device, progress=True)
+                           cache_dir or default_cache_dir(), cfg.batch_size, device=device, progress=progress)
     metrics = evaluate_generator_distributed(g, meta["model"]["z_dim"], extractor, real, num_images,
-                                             cfg.batch_size, 0, 1, device, seed, progress=True)
+                                             cfg.batch_size, 0, 1, device, seed, progress=progress)
     assert metrics is not None  # a single process is rank 0
     return metrics

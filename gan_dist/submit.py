@@ -192,8 +192,11 @@ def submit(
     return submitted, cfg.run.name
 
 
-def follow(job_id: str, address: str, token_file: Path | None = None) -> JobStatus:
-    """Stream the job's logs to stdout until it ends; returns its final status."""
+def follow(job_id: str, address: str, token_file: Path | None = None) -> JobStatus | None:
+    """Stream the job's log to stdout until it ends; returns its final status, or None on Ctrl-C (the job goes on).
+
+    The log is the job driver's own console: ``gan-dist train`` there has no terminal, so it prints plain
+    progress lines, with Ray's internal lines already filtered out (``gan_dist.console.quiet_ray``)."""
     with job_server(address, token_file) as client:
 
         async def tail() -> None:
@@ -201,7 +204,10 @@ def follow(job_id: str, address: str, token_file: Path | None = None) -> JobStat
                 sys.stdout.write(lines)
                 sys.stdout.flush()
 
-        asyncio.run(tail())
+        try:
+            asyncio.run(tail())
+        except KeyboardInterrupt:
+            return None
         return client.get_job_status(job_id)
 
 

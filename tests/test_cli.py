@@ -21,7 +21,7 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["train.batch_size=63"], "train.batch_size"),
+        (["train.batch_size=1"], "train.batch_size"),  # cannot give each of 2 workers a sample
         (["loss.name=wgan-gp"], "model.d_norm"),
         (["train.stepz=3"], "train.stepz"),
         (["train.steps=-1"], "train.steps"),
@@ -54,20 +54,36 @@ def test_prepare_rejects_a_missing_source(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.ray
-def test_quickstart_command_on_the_embedded_default(tmp_path):
-    """README path: prepare the digits, then `gan-dist train jobs/quickstart.yaml` on a local Ray."""
-    prep = run_cli("prepare", "sklearn:digits", "data/digits", "--resolution", "32", "--samples-per-shard", "450",
-                   cwd=tmp_path)
-    assert prep.returncode == 0, prep.stderr
-    assert "1797 samples in 4 shards" in prep.stdout
-    args = ["train", str(REPO / "jobs/quickstart.yaml"), "--set", "train.steps=4", "--set", "train.log_every=2"]
-    for item in TINY_MODEL:
-        args += ["--set", item]
-    proc = run_cli(*args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 4/4" in proc.stderr  # progress lines from rank 0
-    assert "done at step 4" in proc.stdout
-    # Embedded defaults: checkpoints and the sqlite MLflow store land in the working directory.
-    assert list((tmp_path / "gan_dist_runs").glob("*/step-*/state.pt"))
-    assert (tmp_path / "gan_dist_mlflow.db").is_file()
+def test_prepare_prints_what_it_wrote_and_what_comes_next(tmp_path):
+    """README path, first step: prepare the digits with the embedded defaults (training it: tests/test_console.py)."""
+    proc = run_cli("prepare", "sklearn:digits", "data/digits", "--resolution", "32", "--samples-per-shard", "450",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "1797 samples in 4 shards" in proc.stdout and "next: gan-dist inspect data/digits" in proc.stdout
+    assert "\r" not in proc.stderr  # no progress bar redrawn into a log
+
+
+def test_sample_from_a_path_that_does_not_exist_says_so(tmp_path):
+    proc = run_cli("sample", str(tmp_path / "no-such-run/step-000000001"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no such checkpoint directory or generator file" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("http://127.0.0.1:1", "MLflow tracking server unreachable"),  # nothing listens: fail, do not train blind
+        ("htp://127.0.0.1:5000", "MLflow has no tracking store for 'htp://'"),  # a typo
+        ("sqlite://gan_dist_mlflow.db", "three or four slashes"),
+    ],
+)
+def test_tracking_that_cannot_work_fails_before_ray_starts(digits_shards, uri, message):
+    proc = run_cli("train", "jobs/quickstart.yaml", "--set", f"data.url={digits_shards}", "--set", f"tracking.uri={uri}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stdout and "hint:" in proc.stdout and "starting a local Ray instance" not in proc.stdout
+
+
+def test_a_cluster_address_that_does_not_answer_fails_at_once(digits_shards):
+    proc = run_cli("train", "jobs/quickstart.yaml", "--set", f"data.url={digits_shards}", "--address", "127.0.0.1:1",
+                   timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and "no Ray cluster at --address" in proc.stdout and "hint:" in proc.stdout

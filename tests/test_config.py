@@ -40,13 +40,14 @@ def test_arch_defaults_are_resolved_into_the_effective_config():
         (["train.bogus=1"], "train.bogus"),
         (["nosection.x=1"], "nosection"),
         (["train.steps=many"], "train.steps"),
-        (["train.batch_size=63", "scaling.num_workers=2"], "train.batch_size"),
+        (["train.batch_size=3", "scaling.num_workers=4"], "train.batch_size"),  # a sample for every worker
+        (["scaling.num_workers=[3,2]"], "scaling.num_workers"),
         (["loss.name=wgan-gp"], "model.d_norm"),  # dcgan's D defaults to BatchNorm
         (["data.resolution=48"], "data.resolution"),
         (["loss.name=bce"], "loss.name"),
         (["loss.r1_gamma=1"], "loss.r1_gamma"),  # R1 with dcgan's BatchNorm D
         (["loss.pl_weight=2"], "loss.pl_weight"),  # path length needs a style-based G
-        (["train.accumulate=3"], "train.accumulate"),
+        (["train.accumulate=40"], "train.batch_size"),  # 2 workers x 40 micro-batches > 64 images
         (["model.channel_base=512"], "model.channel_base"),  # a stylegan2 key on dcgan
         (["model.arch=stylegan3"], "model.arch"),
         (["augment.kind=mixup"], "augment.kind"),

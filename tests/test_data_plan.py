@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gan_dist.data.plan import DataPlan, DataPosition, Layout, resume_layouts, worker_batches
+from gan_dist.data.plan import DataPlan, DataPosition, Layout, rank_batch, resume_layouts, worker_batches
 
 COUNTS = (40, 70, 45, 3, 0, 17)  # uneven, a tiny and an empty shard: 175 samples
 
@@ -27,7 +27,7 @@ def _delivered(plan: DataPlan, epoch: int, layouts: tuple[Layout, ...], end: int
     steps = []
     for i, layout in enumerate(layouts):
         stop = layouts[i + 1].start if i + 1 < len(layouts) else end
-        b, k = plan.batch_size // layout.world, layout.workers
+        b, k = [rank_batch(plan.batch_size, layout.world, r) for r in range(layout.world)], layout.workers
         streams = {}
         for rank in range(layout.world):
             for worker in range(k):
@@ -35,7 +35,7 @@ def _delivered(plan: DataPlan, epoch: int, layouts: tuple[Layout, ...], end: int
                 streams[rank, worker] = ids[list(order)].tolist()
         for n in range(stop - layout.start):
             c = n // k
-            steps.append([i for rank in range(layout.world) for i in streams[rank, n % k][c * b : (c + 1) * b]])
+            steps.append([i for r in range(layout.world) for i in streams[r, n % k][c * b[r] : (c + 1) * b[r]]])
     return steps
 
 
@@ -82,7 +82,8 @@ def test_class_balance_draws_classes_equally_in_read_order() -> None:
 
 
 @pytest.mark.parametrize(
-    ("world", "workers", "buffer"), [(1, 1, 0), (2, 2, 7), (3, 4, 30), (4, 3, 1000)]  # 12 streams > 6 shards
+    ("world", "workers", "buffer"),
+    [(1, 1, 0), (2, 2, 7), (3, 4, 30), (4, 3, 1000), (5, 2, 20)],  # 12 streams > 6 shards; 5 ranks: shares of 2-3
 )
 def test_one_layout_delivers_every_used_id_once(world: int, workers: int, buffer: int) -> None:
     plan = _plan(shuffle_buffer=buffer)
@@ -95,7 +96,8 @@ def test_one_layout_delivers_every_used_id_once(world: int, workers: int, buffer
         assert list(order) != list(range(len(ids)))
 
 
-CHANGES = [((2, 2, 0), (3, 1, 5)), ((2, 2, 0), (1, 1, 3)), ((2, 2, 0), (3, 1, 4), (1, 2, 9)), ((4, 1, 0), (6, 3, 13))]
+CHANGES = [((2, 2, 0), (3, 1, 5)), ((2, 2, 0), (1, 1, 3)), ((2, 2, 0), (3, 1, 4), (1, 2, 9)), ((4, 1, 0), (6, 3, 13)),
+           ((2, 1, 0), (5, 2, 6), (7, 1, 10))]  # world sizes that do not divide the global batch of 12
 
 
 @pytest.mark.parametrize(
@@ -152,3 +154,10 @@ def test_emission_keeps_reads_within_the_shuffle_buffer() -> None:
     held = max(max(emitted[: j + 1]) - j for j in range(len(emitted)))
     assert sorted(emitted) == list(range(len(ids))) and 8 <= held <= 16  # read ahead: at most the buffer
     assert list(islice(plan.stream(0, (Layout(1, 1, 0),), 0, 0)[1], 20)) == emitted[:20]
+
+
+def test_rank_shares_split_the_global_batch_as_evenly_as_integers_allow() -> None:
+    assert [rank_batch(12, 5, r) for r in range(5)] == [2, 2, 3, 2, 3]
+    for g, w in ((64, 3), (64, 24), (7, 7), (100, 1)):
+        shares = [rank_batch(g, w, r) for r in range(w)]
+        assert sum(shares) == g and max(shares) - min(shares) <= 1

@@ -7,6 +7,7 @@ process's, which holds the session's S3 keys); `gan-dist submit` runs with the s
 have them, and the secret must show in none of Ray's job records, actor list, job logs or session files. Without the
 cluster's token, or with a wrong one, the cluster refuses jobs."""
 
+import json
 import os
 import re
 import secrets
@@ -248,25 +249,71 @@ def test_forwarded_credentials_show_where_the_warning_says(two_node_cluster, s3_
     assert stop.returncode == 0 and stop.stdout.strip() in ("stopped", "not running"), stop.stderr
 
 
-def test_job_survives_losing_a_worker_node(two_node_cluster, s3_server, s3_dataset, mlflow_server):
-    cluster = two_node_cluster
+def _world_sizes(mlflow_server, name: str) -> list[int]:
+    """The run's world size along its steps, changes only (MLflow's throughput/world_size history). Steps
+    redone after a restart were logged twice: the later point is the one the run kept."""
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`gan_dist.run_name` = '{name}'")  # fmt: skip
+    history = client.get_metric_history(runs[0].info.run_id, "throughput/world_size") if runs else []
+    kept = {m.step: int(m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
+    sizes = [kept[step] for step in sorted(kept)]
+    return [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]]
+
+
+def _audited_epochs(s3_server, bucket: str, name: str, steps_per_epoch: int) -> dict[int, list[str]]:
+    """The sample keys of the steps the run kept, per epoch, from its data.audit records (a file per attempt,
+    rank and checkpoint). A step trained by several attempts (past a checkpoint, then again after the restart
+    from it) was kept by the last of them."""
+    s3 = s3_server.client()
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"runs/{name}/audit/")["Contents"]
+    records: dict[int, dict[int, list[str]]] = {}  # step -> attempt -> keys of every rank
+    for obj in listing:
+        attempt = int(re.search(r"attempt-(\d+)-", obj["Key"])[1])
+        for step, keys in json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()):
+            records.setdefault(step, {}).setdefault(attempt, []).extend(keys)
+    epochs: dict[int, list[str]] = {}
+    for step, by_attempt in records.items():
+        epochs.setdefault(step // steps_per_epoch, []).extend(by_attempt[max(by_attempt)])
+    return epochs
+
+
+def test_elastic_job_shrinks_on_node_loss_and_grows_back(two_node_cluster, s3_server, s3_dataset, mlflow_server):
+    """Elastic [1, 2] workers: a worker node is killed and not replaced, the job goes on with 1 worker and the
+    same global batch from its latest checkpoint; a node is added and the job grows back to 2; it finishes.
+    Within each epoch, every sample it trained on was read exactly once, across the changes of world size."""
+    cluster, name = two_node_cluster, "elastic"
     args = ["submit", QUICKSTART, "--address", cluster.dashboard]
-    args += _job_args(s3_dataset, s3_server, mlflow_server, "node-loss")
-    args += ["--set", "train.steps=400", "--set", "train.max_failures=3", "--set", "checkpoint.async_upload=false"]
+    args += _job_args(s3_dataset, s3_server, mlflow_server, name)
+    args += ["--set", "train.steps=600", "--set", "train.max_failures=5", "--set", "checkpoint.async_upload=false",
+             "--set", "scaling.num_workers=[1,2]", "--set", "scaling.resize_check_s=5", "--set", "data.audit=true",
+             "--set", "checkpoint.every=20", "--set", "train.log_every=10"]  # fmt: skip
     proc = _gan_dist(*args, timeout=120, RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
     assert proc.returncode == 0, proc.stderr
     job_id = _job_id(proc)
+    client = cluster.client()
 
-    deadline = time.monotonic() + 300
-    while not _checkpoint_steps(s3_server, s3_dataset, "node-loss"):
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    _cluster(cluster.state, "remove-worker", "2")  # SIGKILL the whole node: raylet, workers, object store
+    def wait_for(what: str, condition, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert client.get_job_status(job_id) not in TERMINAL, client.get_job_logs(job_id)[-4000:]
+            assert time.monotonic() < deadline, f"{what}: {client.get_job_logs(job_id)[-4000:]}"
+            time.sleep(1)
+
+    wait_for("a checkpoint at 2 workers", lambda: _checkpoint_steps(s3_server, s3_dataset, name))
+    _cluster(cluster.state, "remove-worker", "2")  # SIGKILL the node; nothing replaces it
+    wait_for("training on 1 worker", lambda: _world_sizes(mlflow_server, name)[-1:] == [1])
     _cluster(cluster.state, "add-worker", "--cpus-per-worker", "1")
 
-    client = cluster.client()
-    status = _wait_until_done(client, job_id, timeout=600)
+    status = _wait_until_done(client, job_id, timeout=900)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "resumed run 'node-loss'" in logs
-    assert _checkpoint_steps(s3_server, s3_dataset, "node-loss")[-1] == "step-000000400"
+    assert _world_sizes(mlflow_server, name) == [2, 1, 2]
+    assert _checkpoint_steps(s3_server, s3_dataset, name)[-1] == "step-000000600"
+    steps_per_epoch, batch = 1797 // 16, 16
+    epochs = _audited_epochs(s3_server, s3_dataset, name, steps_per_epoch)
+    assert sorted(epochs) == list(range(600 // steps_per_epoch + 1))
+    for epoch, keys in epochs.items():
+        assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained on twice"
+        steps = min(steps_per_epoch, 600 - epoch * steps_per_epoch)
+        assert len(keys) == steps * batch, f"epoch {epoch}: {len(keys)} samples for {steps} steps of {batch}"

@@ -106,9 +106,11 @@ def test_same_run_name_continues_one_run_with_secret_free_params(mlflow_server, 
     params, tags = run.data.params, run.data.tags
     assert params["train.steps"] == str(cfg.train.steps) and params["model.g_width"] == "8"
     assert params["cluster.world_size"] == "2" and params["cluster.num_nodes"] == "1" and params["cluster.gpus"] == "0"
-    assert params["versions.torch"] == version("torch") and params["versions.mlflow"] == mlflow.__version__
-    assert {"versions.ray", "versions.torchvision", "versions.webdataset", "versions.gan_dist"} <= set(params)
-    assert params["tracking.uri"] == f"http://***@127.0.0.1:{port}"
+    # Versions and locations are tags (params: what the run changed; the whole config: config.yaml).
+    assert tags["versions.torch"] == version("torch") and tags["versions.mlflow"] == mlflow.__version__
+    assert {"versions.ray", "versions.torchvision", "versions.webdataset", "versions.gan_dist"} <= set(tags)
+    assert "tracking.uri" not in params and "optim.betas" not in params  # where it logs; a default
+    assert params["model.arch"] == "dcgan"  # what the run is, default or not
     assert tags[CHECKPOINT_TAG] == "s3://***@bucket/runs/continue-me"
     assert tags[DATASET_SAMPLES_TAG] == "1797"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
@@ -117,6 +119,7 @@ def test_same_run_name_continues_one_run_with_secret_free_params(mlflow_server, 
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
     manifest = Path(client.download_artifacts(run.info.run_id, "dataset/manifest.json", str(tmp_path))).read_text()
     assert config["checkpoint"]["storage"] == "s3://***@bucket/runs" and '"num_samples": 1797' in manifest
+    assert config["tracking"]["uri"] == f"http://***@127.0.0.1:{port}"
     assert SECRET not in str(params) + str(tags) + str(config)
 
     history = client.get_metric_history(run.info.run_id, "d_loss")

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gan_dist.config import GanConfig
-from gan_dist.data.plan import DataPlan, DataPosition, Layout, resume_layouts, worker_batches
+from gan_dist.data.plan import DataPlan, DataPosition, Layout, rank_batch, resume_layouts, worker_batches
 from gan_dist.data.shards import plan_data, read_shard
 
 __all__ = ["Batch", "BatchIterator", "build_loader", "decode_image", "to_float"]
@@ -105,7 +105,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.plan, self.rank, self.world, self.position = plan, rank, world, position
         self.workers = position.layouts[-1].workers
-        self.batch_size = plan.batch_size // world
+        self.batch_size = rank_batch(plan.batch_size, world, rank)
         self.storage, self.seed, self.random_flip = cfg.storage, cfg.train.seed, cfg.data.random_flip
         self.image_mode = "L" if cfg.data.channels == 1 else "RGB"
         self.resolution = cfg.data.resolution
@@ -250,7 +250,8 @@ class BatchIterator(Iterator[Batch]):
 
 
 def build_loader(cfg: GanConfig, rank: int, world_size: int, position: DataPosition | None = None) -> BatchIterator:
-    """Endless ``Batch``es of ``train.batch_size // world_size`` images for ``rank`` of ``world_size``.
+    """Endless ``Batch``es of ``rank_batch(train.batch_size, world_size, rank)`` images for ``rank`` of
+    ``world_size`` (the global batch split as evenly as integers allow).
 
     ``position``: where the run stands (from a checkpoint); the loader continues the epoch from there, on any
     world size, and exactly as an uninterrupted run would when the world size and loader workers are unchanged.

@@ -13,9 +13,11 @@ list with replacement; ``class_balance`` draws ``T*G`` ids with replacement, wei
 in read order.
 
 Layout. ``W`` ranks with ``K`` stream workers each serve steps ``start..T-1`` of the epoch from the ids not
-yet served, split into contiguous blocks: rank ``r`` takes the ``r``-th share, and within it worker ``k`` a
-sub-block for the batches ``n`` (counted from ``start``) with ``n % K == k``. A worker reads its block in
-order and emits it through a seeded shuffle buffer; its ``c``-th batch is emissions ``c*B .. (c+1)*B-1``.
+yet served, split into contiguous blocks: rank ``r`` takes the ``r``-th share (``B_r`` ids per step,
+``rank_batch(G, W, r)``: ``G`` split as evenly as integers allow, so any world size up to ``G`` works), and
+within it worker ``k`` a sub-block for the batches ``n`` (counted from ``start``) with ``n % K == k``. A
+worker reads its block in order and emits it through a seeded shuffle buffer; its ``c``-th batch is
+emissions ``c*B_r .. (c+1)*B_r-1``.
 
 Guarantees. In exact mode every used id is emitted exactly once per epoch, by one (rank, worker). A
 ``DataPosition`` records the epoch's layouts, so the ids a new layout serves are exactly those the earlier
@@ -36,7 +38,13 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-__all__ = ["DataPlan", "DataPosition", "Layout", "emission_order", "resume_layouts", "worker_batches"]
+__all__ = ["DataPlan", "DataPosition", "Layout", "emission_order", "rank_batch", "resume_layouts", "worker_batches"]
+
+
+def rank_batch(global_batch: int, world: int, rank: int) -> int:
+    """Rank ``rank``'s share of each global batch: ``G`` split over ``world`` ranks as evenly as integers
+    allow (shares differ by at most one; the trainer weights each rank's loss by its share)."""
+    return global_batch * (rank + 1) // world - global_batch * rank // world
 
 
 @dataclass(frozen=True)
@@ -167,9 +175,10 @@ class DataPlan:
 
     def blocks(self, layout: Layout) -> Iterator[tuple[int, int, slice]]:
         """``(rank, worker, slice)``: each stream's contiguous share of the ids not served before ``layout``."""
-        steps, per_rank = self.batches_per_epoch - layout.start, self.batch_size // layout.world
+        steps = self.batches_per_epoch - layout.start
         begin = 0
         for rank in range(layout.world):
+            per_rank = rank_batch(self.batch_size, layout.world, rank)
             for worker in range(layout.workers):
                 size = worker_batches(steps, worker, layout.workers) * per_rank
                 yield rank, worker, slice(begin, begin + size)
@@ -182,10 +191,11 @@ class DataPlan:
         """The ids of ``epoch`` not served before the last layout took over, in read order."""
         ids = self.epoch_ids(epoch)
         for layout, successor in zip(layouts, layouts[1:]):
-            steps, per_rank = successor.start - layout.start, self.batch_size // layout.world
+            steps = successor.start - layout.start
             served = np.zeros(len(ids), dtype=bool)
             for rank, worker, part in self.blocks(layout):
                 order = self._emission(epoch, layout, rank, worker, part.stop - part.start)
+                per_rank = rank_batch(self.batch_size, layout.world, rank)
                 emitted = list(islice(order, worker_batches(steps, worker, layout.workers) * per_rank))
                 served[part.start + np.asarray(emitted, dtype=np.int64)] = True
             ids = ids[~served]

@@ -109,8 +109,8 @@ def plan_data(cfg: GanConfig, world_size: int) -> DataPlan:
     world size). Per-shard sample counts come from the manifest: they fix the sample ids and the epoch.
     """
     url, storage, batch = cfg.data.url, cfg.storage, cfg.train.batch_size
-    if world_size < 1 or batch % world_size:
-        raise ValueError(f"train.batch_size={batch} (the global batch) is not divisible by the world size {world_size}")
+    if not 1 <= world_size <= batch:
+        raise ValueError(f"train.batch_size={batch} (the global batch) cannot give each of {world_size} ranks a sample")
     shards = list_shards(url, storage)
     manifest = read_manifest(dataset_base(url), storage)
     if manifest is None:

@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -30,23 +31,15 @@ from gan_dist.config import GanConfig
 from gan_dist.data.manifest import Manifest, read_manifest
 from gan_dist.data.shards import dataset_base
 from gan_dist.tracking.redact import redact, redact_uri
-from gan_dist.tracking.info import RUN_NAME_TAG, cluster_params, run_params, run_tags
+from gan_dist.tracking.info import HTTP_LIMITS, RUN_NAME_TAG, cluster_params, run_params, run_tags
 from gan_dist.tracking.model import log_generator_model
 
 log = logging.getLogger(__name__)
 
 DROPPED_TAG = "gan_dist.tracking_dropped"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI lays a "model training" experiment out for runs, not GenAI
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (its default is GenAI)
 
-# MLflow's HTTP defaults (7 retries, backoff up to 2 min, 120 s timeout) let one call hang for minutes in an
-# outage. Set only where the user has not: their environment wins.
-HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    # set_terminated would print the tracking URI (userinfo included) to stdout; we log a redacted one.
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-}
 RETRY_INTERVAL_S = 5.0  # after a failure, at most one attempt per interval; other jobs are skipped meanwhile
 MAX_PENDING_METRICS = 50_000  # metric points kept for catch-up (~10 MB); the oldest are dropped beyond it
 MAX_QUEUED_IMAGES = 4  # sample grids can be megabytes each: never let a slow server pile them up
@@ -54,6 +47,9 @@ _THREAD_NAME = "gan_dist-mlflow"
 
 # urllib3 warns on every retry; the tracker warns once for a whole outage instead.
 logging.getLogger("urllib3.connectionpool").addFilter(lambda record: record.threadName != _THREAD_NAME)
+# The generator takes latent vectors, documented in its model signature; MLflow would warn on every logged model.
+warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+
 
 
 def _sqlite_artifact_root(uri: str) -> str | None:
@@ -87,11 +83,13 @@ class _Job:
     fn: Callable[[], Any]
     lost: int  # items given up if the job fails (metric points are kept for catch-up instead)
     force: bool  # try even right after a failure (explicit calls whose caller waits for the result)
+    described: bool = True  # needs the run's params, tags and config logged first (all but opening it)
     future: Future = field(default_factory=Future)
 
 
 class Tracker(Protocol):
     run_id: str | None
+    experiment_id: str | None
 
     def log_cluster(self, world_size: int, num_nodes: int, gpus: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -105,6 +103,7 @@ class NullTracker:
     """What ranks other than 0 log to: nothing."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
 
     def log_cluster(self, world_size: int, num_nodes: int, gpus: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -134,7 +133,7 @@ class MlflowTracker:
         self.dropped = 0  # images, artifacts and metric points given up on by this tracker
         self._cfg, self._uri = cfg, redact_uri(cfg.tracking.uri)
         self._client: mlflow.MlflowClient | None = None
-        self._experiment_id: str | None = None
+        self.experiment_id: str | None = None
         self._new_run = self._ready = False
         self._config = redact(cfg.model_dump(mode="json"))
         self._manifest = self._read_manifest()
@@ -150,7 +149,9 @@ class MlflowTracker:
         self._dropped_recorded = self._dropped_before = 0
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         threading.Thread(target=self._work, name=_THREAD_NAME, daemon=True).start()
-        self._wait(self._submit(self._ensure_ready, force=True), open_timeout)
+        # Only the run's id is waited for (checkpoints carry it); its params, tags and config follow on the
+        # logger's thread while the first steps run.
+        self._wait(self._submit(self._ensure_open, force=True, described=False), open_timeout)
 
     # -- the training thread's side: queue and return -------------------------------------------------
 
@@ -190,7 +191,7 @@ class MlflowTracker:
         """Log a file from ``export_generator`` as the run's MLflow model "generator" (pyfunc, loaded by
         gan_dist's weights-only ``load_generator``), registered as ``register_as`` if given. Waits up to
         ``timeout`` s; returns the model URI (``models:/m-...``), or None if it was not logged."""
-        log_model = lambda: log_generator_model(Path(generator_file), self.run_id, self._experiment_id, register_as)
+        log_model = lambda: log_generator_model(Path(generator_file), self.run_id, self.experiment_id, register_as)
         job = self._submit(log_model, lost=1, force=True)
         return self._wait(job, timeout)
 
@@ -210,8 +211,8 @@ class MlflowTracker:
 
     # -- the background thread's side ----------------------------------------------------------------
 
-    def _submit(self, fn: Callable[[], Any], lost: int = 0, force: bool = False) -> Future:
-        job = _Job(fn, lost, force)
+    def _submit(self, fn: Callable[[], Any], lost: int = 0, force: bool = False, described: bool = True) -> Future:
+        job = _Job(fn, lost, force, described)
         if self._closed:
             job.future.cancel()
         else:
@@ -231,7 +232,8 @@ class MlflowTracker:
             try:
                 if self._failing and not job.force and time.monotonic() < self._retry_at:
                     raise _Skipped
-                self._ensure_ready()
+                if job.described:
+                    self._ensure_ready()
                 result = job.fn()
             except Exception as exc:
                 self._failed(exc, job.lost)
@@ -302,14 +304,18 @@ class MlflowTracker:
         with self._lock:
             self._images_queued -= 1
 
-    def _ensure_ready(self) -> None:
-        """Find or create the run, then log its params (new runs only), tags and config; idempotent."""
-        if self._ready:
-            return
+    def _ensure_open(self) -> None:
+        """Find or create the run; idempotent."""
         if self._client is None:
             self._client = mlflow.MlflowClient(self._cfg.tracking.uri)
-        if self._experiment_id is None:
+        if self.experiment_id is None:
             self._new_run = self._open_run()
+
+    def _ensure_ready(self) -> None:
+        """Open the run, then log its params (new runs only), tags and config; idempotent."""
+        if self._ready:
+            return
+        self._ensure_open()
         params = self._params if self._new_run else []
         self._client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in self._tags.items()])
         self._client.log_dict(self.run_id, self._config, "config.yaml")  # the latest effective config
@@ -317,7 +323,7 @@ class MlflowTracker:
             manifest = redact(self._manifest.model_dump(mode="json"))
             self._client.log_dict(self.run_id, manifest, "dataset/manifest.json")
         self._ready = True
-        log.info("MLflow run %s (experiment %s) at %s", self.run_id, self._experiment_id, self._uri)
+        log.debug("MLflow run %s (experiment %s) at %s", self.run_id, self.experiment_id, self._uri)
         self._restart_monitor()
 
     def _open_run(self) -> bool:
@@ -337,19 +343,21 @@ class MlflowTracker:
         if experiment is None:  # racing another run to create it fails this attempt; the next finds it
             root = _sqlite_artifact_root(self._cfg.tracking.uri)
             exp_id = client.create_experiment(
-                self._cfg.tracking.experiment, root, {EXPERIMENT_KIND_TAG: "custom_model_development"}
+                self._cfg.tracking.experiment, root, {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
             )
         else:
             exp_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made elsewhere: the UI would open it as GenAI
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
         if found:
             return self._continue(found[0])
         self.run_id = client.create_run(exp_id, run_name=name, tags={RUN_NAME_TAG: name}).info.run_id
-        self._experiment_id = exp_id
+        self.experiment_id = exp_id
         return True
 
     def _continue(self, run: Run) -> bool:
-        self.run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self._dropped_before = int(run.data.tags.get(DROPPED_TAG, 0))
         self._client.update_run(self.run_id, status="RUNNING")
         return False

@@ -7,6 +7,7 @@ readable without torch).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,16 @@ def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
     random.setstate(_as_tuples(state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def reseed(noise: torch.Generator, seed: int, rank: int, step: int) -> None:
+    """New random streams for ``rank`` from ``step`` on (after a change of world size, when a checkpoint's
+    per-rank streams no longer map onto the ranks), the same on every restart from that step."""
+    base = int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:7], "little")
+    noise.manual_seed(base)
+    torch.manual_seed(base + 1)
+    random.seed(base + 2)
+    np.random.seed((base + 3) % 2**32)
 
 
 def _as_tuples(value: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -20,15 +21,16 @@ from gan_dist import storage
 from gan_dist.config import GanConfig
 from gan_dist.data.images import image_grid, to_uint8
 from gan_dist.data.loader import build_loader, to_float
-from gan_dist.data.plan import DataPosition
+from gan_dist.data.plan import DataPosition, rank_batch
 from gan_dist.metrics.runner import build_extractor, real_statistics
 from gan_dist.models.io import read_state
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.tracking.tracker import MlflowTracker, NullTracker, Tracker
-from gan_dist.train.checkpoint import restore_modules, restore_rng, restore_weights, training_state
+from gan_dist.train.checkpoint import reseed, restore_modules, restore_rng, restore_weights, training_state
 from gan_dist.train.modules import build_modules
 from gan_dist.train.phases import (
     Evaluation,
+    checkpoint_on_request,
     StopTraining,
     Worker,
     all_gather,
@@ -43,6 +45,8 @@ from gan_dist.train.phases import (
     record_stop,
     window_metrics,
 )
+from gan_dist.train.progress import ProgressChannel  # gan_dist console: rank 0 -> driver
+from gan_dist.train.stop import StopWatch
 from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
 CHAOS_ENV = "GAN_DIST_CHAOS_FILE"
@@ -67,11 +71,14 @@ def train_worker(config: dict[str, Any]) -> None:
             maybe_sample(w)
             maybe_evaluate(w)
             maybe_checkpoint(w)
+            if reason := w.stop.poll(w.step):
+                checkpoint_on_request(w, reason)
         if w.rank == 0:
             log_final_generator(w)
         status = "FINISHED"
     except StopTraining as stop:
-        record_stop(w, str(stop))
+        status = stop.status
+        record_stop(w, stop)
     finally:
         w.tracker.finish(status)
 
@@ -81,7 +88,7 @@ def train_step(w: Worker) -> None:
 
     A conditional model draws its fakes for the classes of the real batch (so fakes follow the data's class
     distribution); the G step reuses the last real batch's classes."""
-    cfg, batch = w.cfg, w.cfg.train.batch_size // w.world
+    cfg, batch = w.cfg, rank_batch(w.cfg.train.batch_size, w.world, w.rank)
     labels = None
     for k in range(cfg.train.n_critic):
         fresh = w.data.position.batches == 0
@@ -99,6 +106,8 @@ def train_step(w: Worker) -> None:
         gp_eps = torch.rand(batch, device=w.device, generator=w.noise) if cfg.loss.name == "wgan-gp" else None
         index = w.step * cfg.train.n_critic + k
         w.window.add(discriminator_step(w.m, cfg, DiscriminatorBatch(real, z, gp_eps, labels), index))
+        if cfg.data.audit:
+            w.audit.append((w.step, w.data.keys))
         if w.m.ada is not None and (index + 1) % cfg.augment.interval == 0:
             w.augment_stats = w.m.ada.update(w.m.augment)  # one host sync per interval
     z = torch.randn(batch, cfg.model.z_dim, device=w.device, generator=w.noise)
@@ -130,16 +139,21 @@ def start_worker(cfg: GanConfig) -> Worker:
             run_id = resumed["mlflow_run_id"]
         if len(resumed["rng"]) == world:  # same world size: continue each rank's random streams exactly
             restore_rng(resumed["rng"][rank], noise)
+        else:  # another world size (elastic): fresh streams, derived from the seed, the rank and the step
+            reseed(noise, cfg.train.seed, rank, step)
     tracker = _open_tracker(cfg, rank, world, run_id, step)
+    progress = ProgressChannel.connect(cfg, rank)  # gan_dist console: the driver's live view and Ctrl-C
+    progress.started(step, world, tracker)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     data = build_loader(cfg, rank, world, position)
     return Worker(
         cfg=cfg, rank=rank, world=world, device=device, m=m, noise=noise, tracker=tracker, data=data,
+        stop=StopWatch(rank, world, cfg.train.preempt_grace_s, user_stop=progress.stop_requested), progress=progress,
         fixed_z=fixed_z.to(device),
         class_names=list(data.plan.class_names), class_counts=list(data.plan.class_counts),
         evaluation=_start_evaluation(cfg, rank, world, device),
         last_good=host_copy(resumed or {"step": 0, **training_state(m)}),
-        step=step, skipped_before=skipped_before,
+        step=step, skipped_before=skipped_before, attempt=all_gather(time.time_ns() // 10**6, world)[0],
     )  # fmt: skip
 
 
@@ -188,7 +202,7 @@ def _fault_drill(run_name: str, rank: int) -> dict[str, Any] | None:
     """Fault drill: if $GAN_DIST_CHAOS_FILE names a JSON file {"run": NAME, "rank": R, "step": S, "fault": F},
     rank R of run NAME suffers fault F after step S, once (the file is removed when it fires): "exit" (the
     default) kills the process, "nan" poisons a parameter of D, "raise" raises an exception in the training
-    function. Read once per worker start."""
+    function, "sigterm" sends the process SIGTERM. Read once per worker start."""
     path = os.environ.get(CHAOS_ENV)
     if not path or not os.path.isfile(path):
         return None
@@ -200,7 +214,10 @@ def _fault_drill(run_name: str, rank: int) -> dict[str, Any] | None:
 def _inject_fault(w: Worker, fault: str) -> None:
     os.remove(os.environ[CHAOS_ENV])
     progress_logger().warning("fault drill: rank %d, %s after step %d", w.rank, fault, w.step)
-    if fault == "nan":
+    if fault == "sigterm":  # what an eviction sends; the rank then checkpoints this step and exits
+        os.kill(os.getpid(), signal.SIGTERM)
+        w.stop.wait_for_sigterm()
+    elif fault == "nan":
         with torch.no_grad():
             next(w.m.d.parameters()).fill_(float("nan"))
     elif fault == "raise":

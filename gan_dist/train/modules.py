@@ -102,7 +102,10 @@ def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
         scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         g_fast=torch.compile(g) if cfg.train.compile else g,
-        d_fast=torch.compile(d) if cfg.train.compile else d,
+        # Spectral norm updates its power-iteration vectors in place on every forward; a compiled D's backward
+        # then finds the ones it saved changed by the next pass (D runs on reals, fakes and penalties before
+        # one backward). Such a D stays eager; G is compiled all the same.
+        d_fast=torch.compile(d) if cfg.train.compile and not getattr(cfg.model, "d_spectral_norm", False) else d,
         augment=augment,
         ada=AdaController(aug.target, aug.interval, aug.speed_kimg, batch_size=cfg.train.batch_size) if adaptive else None,
         pl_mean=torch.zeros((), device=device) if cfg.loss.pl_weight else None,

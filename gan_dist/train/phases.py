@@ -34,7 +34,9 @@ from gan_dist.tracking.redact import redact
 from gan_dist.tracking.tracker import Tracker
 from gan_dist.train.checkpoint import capture_rng, restore_modules, save_checkpoint, training_state
 from gan_dist.train.modules import GanModules, parameter_digest
+from gan_dist.train.progress import ProgressChannel  # gan_dist console: rank 0 -> driver
 from gan_dist.train.step import Terms, standing_statistics
+from gan_dist.train.stop import PREEMPTED, STOPPED, Preempted, StopWatch
 
 STOP_MARKER = "stopped.json"
 PARAMS_FINITE = "train/params_finite"
@@ -48,10 +50,19 @@ class NonFiniteLoss(RuntimeError):
 class StopTraining(Exception):
     """Raised on every rank (same step, same reason) when the run must end early."""
 
+    def __init__(self, reason: str, status: str = "FAILED") -> None:
+        super().__init__(reason)
+        self.status = status  # the MLflow run's final status
+
+
+def run_root(cfg: GanConfig) -> str:
+    """The run's directory in the checkpoint storage."""
+    return storage.join(cfg.checkpoint.storage, cfg.run.name)
+
 
 def stop_marker_url(cfg: GanConfig) -> str:
     """Where rank 0 records why a run stopped early (Ray's result only carries checkpointed metrics)."""
-    return storage.join(storage.join(cfg.checkpoint.storage, cfg.run.name), STOP_MARKER)
+    return storage.join(run_root(cfg), STOP_MARKER)
 
 
 def progress_logger() -> logging.Logger:
@@ -129,6 +140,11 @@ class Worker:
     skipped_before: int = 0  # samples skipped before this attempt's loader started
     rollbacks: int = 0
     window: Window = field(default_factory=Window)
+    stop: StopWatch | None = None
+    progress: ProgressChannel = field(default_factory=ProgressChannel.null)  # gan_dist console: rank 0 -> driver
+    checkpointed_at: int = -1
+    audit: list[tuple[int, list[str]]] = field(default_factory=list)  # (step, sample keys), with data.audit
+    attempt: int = 0  # when this worker group started (rank 0's clock, ms): names the audit files
     class_names: list[str] = field(default_factory=list)  # the dataset's classes (a labelled dataset)
     class_counts: list[int] = field(default_factory=list)
     augment_stats: dict[str, float] = field(default_factory=dict)  # ADA's latest p and r_t
@@ -186,24 +202,13 @@ def maybe_log(w: Worker, metrics: dict[str, float] | None) -> None:
     metrics["optim/lr_g"] = w.m.opt_g.param_groups[0]["lr"]
     metrics["optim/lr_d"] = w.m.opt_d.param_groups[0]["lr"]
     metrics["optim/nan_rollbacks"] = w.rollbacks
+    metrics["throughput/world_size"] = w.world  # an elastic run shows here when it shrank and grew
     metrics.update(w.augment_stats)
     if w.device.type == "cuda":
         metrics["throughput/gpu_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 2**30
     w.tracker.log_metrics(metrics, step=w.step)
-    if w.rank == 0:
-        eta = (cfg.train.steps - w.step) * elapsed / w.window.steps
-        progress_logger().info(
-            f"step {w.step}/{cfg.train.steps} | d_loss {metrics['losses/d']:.4f} g_loss {metrics['losses/g']:.4f} "
-            f"| D(x) {metrics['discriminator/real']:.3f} D(G(z)) {metrics['discriminator/fake']:.3f} "
-            f"| {metrics['throughput/images_per_sec']:.0f} img/s | ETA {_format_eta(eta)}"
-        )
+    w.progress.publish("log", w.step, metrics)  # gan_dist console: rank 0's live view (stderr line without one)
     w.window = Window()
-
-
-def _format_eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def ready_ema(w: Worker) -> torch.nn.Module:
@@ -251,13 +256,15 @@ def maybe_evaluate(w: Worker) -> None:
     )  # fmt: skip
     if scores is not None:  # rank 0
         w.tracker.log_metrics({f"quality/{k}": v for k, v in scores.items()}, step=w.step)
-        progress_logger().info("step %d | %s", w.step, " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        w.progress.publish("eval", w.step, scores)  # gan_dist console (stderr line without one)
 
 
-def maybe_checkpoint(w: Worker) -> None:
-    """Every ``checkpoint.every`` steps: the whole training state through Ray Train (rank 0's files)."""
-    if not w.due(w.cfg.checkpoint.every):
+def maybe_checkpoint(w: Worker, now: bool = False) -> None:
+    """Every ``checkpoint.every`` steps (or ``now``, uploaded before returning): the whole training state
+    through Ray Train (rank 0's files)."""
+    if not (now or w.due(w.cfg.checkpoint.every)) or w.checkpointed_at == w.step:
         return
+    w.checkpointed_at = w.step
     ready_ema(w)  # the saved EMA-G, and the replica digest, include its statistics
     state = training_state(
         w.m,
@@ -272,7 +279,30 @@ def maybe_checkpoint(w: Worker) -> None:
         class_names=w.class_names,
     )
     w.last_good = host_copy(state)
-    report_checkpoint(state, w)
+    if w.cfg.data.audit:  # before the report: a checkpoint Ray registers has every rank's records up to it
+        write_audit(w)
+    report_checkpoint(state, w, sync=now)
+
+
+def write_audit(w: Worker) -> None:
+    """``data.audit``: this rank's sample keys since its last checkpoint, by step, next to the checkpoints. The
+    name carries the attempt (its start, in ms): steps an attempt trained past the checkpoint a restart resumed
+    from appear again in the next attempt's files, and the run kept the later ones."""
+    name = f"audit/attempt-{w.attempt}-rank{w.rank:03d}-steps-{w.audit[0][0]:09d}-{w.step:09d}.json"
+    storage.write_bytes(storage.join(run_root(w.cfg), name), json.dumps(w.audit).encode(), w.cfg.storage)
+    w.audit = []
+
+
+def checkpoint_on_request(w: Worker, reason: int) -> None:
+    """Checkpoint the step every rank agreed on (``StopWatch.poll``); then SIGTERM raises (Ray Train restarts the
+    group from that checkpoint on the workers that remain), a user's stop ends the run as KILLED, and a
+    preemption notice lets training go on until the node goes."""
+    maybe_checkpoint(w, now=True)
+    if reason == PREEMPTED:
+        raise Preempted(f"rank {w.rank}: SIGTERM; checkpointed step {w.step}")
+    if reason == STOPPED:
+        raise StopTraining(f"stopped on request at step {w.step}", status="KILLED")
+    progress_logger().warning("a node of the worker group is being preempted: checkpointed step %d", w.step)
 
 
 def host_copy(state: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +321,7 @@ def _to_cpu(value: Any) -> Any:
     return value  # ints, floats, strings: immutable
 
 
-def report_checkpoint(state: dict[str, Any], w: Worker) -> None:
+def report_checkpoint(state: dict[str, Any], w: Worker, sync: bool = False) -> None:
     """Every rank reports (Ray requires it); rank 0 attaches the checkpoint files."""
     cfg, step = w.cfg, state["step"]
     digests = all_gather(parameter_digest(w.m), w.world)
@@ -312,7 +342,8 @@ def report_checkpoint(state: dict[str, Any], w: Worker) -> None:
     name = f"step-{step:09d}"
     if cfg.checkpoint.keep_every and step % cfg.checkpoint.keep_every == 0:
         _archive(local, cfg, name)
-    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.checkpoint.async_upload else ray.train.CheckpointUploadMode.SYNC
+    upload = ray.train.CheckpointUploadMode
+    mode = upload.ASYNC if cfg.checkpoint.async_upload and not sync else upload.SYNC
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(local),
@@ -320,6 +351,7 @@ def report_checkpoint(state: dict[str, Any], w: Worker) -> None:
         checkpoint_upload_mode=mode,
         delete_local_checkpoint_after_upload=True,
     )
+    w.progress.publish("checkpoint", step)  # gan_dist console
 
 
 def _archive(local_dir: str, cfg: GanConfig, name: str) -> None:
@@ -341,9 +373,9 @@ def log_final_generator(w: Worker) -> None:
         w.tracker.log_generator(exported, register_as=w.cfg.tracking.register_model)
 
 
-def record_stop(w: Worker, reason: str) -> None:
+def record_stop(w: Worker, stop: StopTraining) -> None:
     """Rank 0 leaves the reason where the driver looks for it after ``fit()``."""
-    progress_logger().error("stopping: %s", reason)
+    progress_logger().log(logging.INFO if stop.status == "KILLED" else logging.ERROR, "stopping: %s", stop)
     if w.rank == 0:
-        marker = {"step": w.step, "reason": reason, "mlflow_run_id": w.tracker.run_id}
+        marker = {"step": w.step, "reason": str(stop), "status": stop.status, "mlflow_run_id": w.tracker.run_id}
         storage.write_bytes(stop_marker_url(w.cfg), json.dumps(marker).encode(), w.cfg.storage)

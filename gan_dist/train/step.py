@@ -67,8 +67,23 @@ class GeneratorBatch:
 
 
 def _split(batch: DiscriminatorBatch | GeneratorBatch, parts: int) -> list:
-    chunks = {f.name: v.chunk(parts) if (v := getattr(batch, f.name)) is not None else [None] * parts for f in fields(batch)}
+    """``parts`` micro-batches whose sizes differ by at most one."""
+    chunks = {f.name: v.tensor_split(parts) if (v := getattr(batch, f.name)) is not None else [None] * parts
+              for f in fields(batch)}  # fmt: skip
     return [type(batch)(**{name: c[i] for name, c in chunks.items()}) for i in range(parts)]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _loss_weights(parts: list, total: int, global_batch: int) -> list[tuple[float, float]]:
+    """Per micro-batch: (its share of this rank's batch, the factor its mean loss is scaled by before the
+    backward). DDP averages gradients over W ranks; scaling a micro-batch of n images by n * W / G makes
+    that average the gradient of the mean over all G images, whatever the split (uneven rank shares in
+    elastic runs, uneven micro-batches)."""
+    sizes = [len(p.z) for p in parts]
+    return [(n / total, n * _world() / global_batch) for n in sizes]
 
 
 def autocast_context(cfg: GanConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -109,10 +124,11 @@ def discriminator_step(m: GanModules, cfg: GanConfig, batch: DiscriminatorBatch,
     device, loss = batch.real.device, cfg.loss
     r1_due = bool(loss.r1_gamma) and index % loss.r1_every == 0
     judge, penalized = _through_augment(m, m.d_fast), _through_augment(m, m.d)
-    parts = batch.split(cfg.train.accumulate)
+    parts = batch.split(cfg.micro_batches(len(batch.z)))
+    weights = _loss_weights(parts, len(batch.z), cfg.train.batch_size)
     terms: dict[str, Tensor] = {}
     m.opt_d.zero_grad(set_to_none=True)
-    for i, part in enumerate(parts):
+    for i, (part, (share, scale)) in enumerate(zip(parts, weights)):
         labels = part.labels
         with _sync_on_last(m.d, i == len(parts) - 1):
             with torch.no_grad(), autocast_context(cfg, device):
@@ -125,24 +141,24 @@ def discriminator_step(m: GanModules, cfg: GanConfig, batch: DiscriminatorBatch,
             if real_classes is not None:  # AC-GAN: D also names the class of reals and of fakes
                 ac = _classification(real_classes, labels) + _classification(fake_classes, labels)
                 total = total + loss.ac_weight * ac
-                _add(terms, "losses/d_ac", ac)
+                _add(terms, "losses/d_ac", ac, share)
             critic = lambda images: _logits(penalized(images, labels))[0]  # noqa: E731  (penalties: the logit)
             if loss.name == "wgan-gp":
                 gp = gradient_penalty(critic, part.real, fake.float(), part.gp_eps)
                 total = total + loss.gp_weight * gp
-                _add(terms, "losses/d_gp", gp)
+                _add(terms, "losses/d_gp", gp, share)
             if r1_due:  # lazy R1 (StyleGAN2): every k D steps, weight scaled by k
                 r1 = r1_penalty(critic, part.real)
                 total = total + (loss.r1_gamma / 2) * loss.r1_every * r1
-                _add(terms, "losses/d_r1", r1)
-            m.scaler_d.scale(total / len(parts)).backward()
-        _add(terms, "losses/d_adv", adv)
-        _add(terms, "losses/d", total)
-        _add(terms, "discriminator/real", _score_mean(real_logits, loss.name))
+                _add(terms, "losses/d_r1", r1, share)
+            m.scaler_d.scale(total * scale).backward()
+        _add(terms, "losses/d_adv", adv, share)
+        _add(terms, "losses/d", total, share)
+        _add(terms, "discriminator/real", _score_mean(real_logits, loss.name), share)
         if m.ada is not None:
             m.ada.accumulate(real_logits)
-        _add(terms, "discriminator/fake", _score_mean(fake_logits, loss.name))
-    out: Terms = {k: v / len(parts) for k, v in terms.items()}
+        _add(terms, "discriminator/fake", _score_mean(fake_logits, loss.name), share)
+    out: Terms = dict(terms)
     out.update(_apply(m.d, m.opt_d, m.sched_d, m.scaler_d, cfg.optim.d_clip_norm, "d"))
     if loss.name == "wgan":
         with torch.no_grad():
@@ -157,13 +173,14 @@ def generator_step(m: GanModules, cfg: GanConfig, batch: GeneratorBatch, step: i
     pl_due = m.pl_mean is not None and step % loss.pl_every == 0
     d_bare = bare(m.d)
     judge = _through_augment(m, d_bare)
-    parts = batch.split(cfg.train.accumulate)
+    parts = batch.split(cfg.micro_batches(len(batch.z)))
+    weights = _loss_weights(parts, len(batch.z), cfg.train.batch_size)
     terms: dict[str, Tensor] = {}
-    mean_styles: list[Tensor] = []
+    style_sum: Tensor | None = None
     d_bare.requires_grad_(False)
     try:
         m.opt_g.zero_grad(set_to_none=True)
-        for i, part in enumerate(parts):
+        for i, (part, (share, scale)) in enumerate(zip(parts, weights)):
             with _sync_on_last(m.g, i == len(parts) - 1):
                 with autocast_context(cfg, device):
                     images, ws = _generate(m.g_fast, part.z, part.labels, cfg)
@@ -173,21 +190,22 @@ def generator_step(m: GanModules, cfg: GanConfig, batch: GeneratorBatch, step: i
                 if fake_classes is not None:
                     ac = _classification(fake_classes, part.labels)
                     total = total + loss.ac_weight * ac
-                    _add(terms, "losses/g_ac", ac)
+                    _add(terms, "losses/g_ac", ac, share)
                 if pl_due:
                     pl = _path_length_penalty(m, cfg, part.z, part.labels)
                     total = total + loss.pl_weight * loss.pl_every * pl
-                    _add(terms, "losses/g_pl", pl)
-                m.scaler_g.scale(total / len(parts)).backward()
-            _add(terms, "losses/g", adv)
+                    _add(terms, "losses/g_pl", pl, share)
+                m.scaler_g.scale(total * scale).backward()
+            _add(terms, "losses/g", adv, share)
             if ws is not None:
-                mean_styles.append(ws[:, 0].detach().float().mean(0))
+                styles = ws[:, 0].detach().float().sum(0)
+                style_sum = styles if style_sum is None else style_sum + styles
     finally:
         d_bare.requires_grad_(True)
-    out: Terms = {k: v / len(parts) for k, v in terms.items()}
+    out: Terms = dict(terms)
     out.update(_apply(m.g, m.opt_g, m.sched_g, m.scaler_g, cfg.optim.g_clip_norm, "g"))
-    if mean_styles:
-        bare(m.g).mapping.update_w_avg(_mean_across_ranks(torch.stack(mean_styles).mean(0)), W_AVG_BETA)
+    if style_sum is not None:  # the mean style of this step's fakes over all ranks
+        bare(m.g).mapping.update_w_avg(_mean_across_ranks(style_sum, len(batch.z)), W_AVG_BETA)
     update_ema(m.g_ema, bare(m.g), ema_beta(cfg, step))
     if m.pl_mean is not None:
         out["regularizers/pl_mean"] = m.pl_mean.detach().clone()
@@ -210,21 +228,23 @@ def _path_length_penalty(m: GanModules, cfg: GanConfig, z: Tensor, labels: Tenso
         kept = labels[:keep] if labels is not None else None
         images, ws = m.g(z[:keep], kept, style_mix_prob=cfg.model.style_mixing, return_ws=True)
         lengths = path_lengths(images, ws)
-    batch_mean = _mean_across_ranks(lengths.detach().mean())
+    batch_mean = _mean_across_ranks(lengths.detach().sum(), len(lengths))
     m.pl_mean.copy_(m.pl_mean.lerp(batch_mean, cfg.loss.pl_decay))
     return (lengths - m.pl_mean).square().mean()
 
 
-def _mean_across_ranks(value: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
+def _mean_across_ranks(total: Tensor, count: int) -> Tensor:
+    """The mean over every rank's items from this rank's sum over its ``count`` items (ranks' counts may differ)."""
+    if _world() == 1:
+        return total / count
+    packed = torch.cat([total.reshape(-1), torch.tensor([float(count)], device=total.device)])
+    dist.all_reduce(packed)
+    return (packed[:-1] / packed[-1]).reshape(total.shape)
 
 
-def _add(terms: dict[str, Tensor], key: str, value: Tensor) -> None:
-    terms[key] = terms.get(key, 0) + value.detach().float()
+def _add(terms: dict[str, Tensor], key: str, value: Tensor, share: float) -> None:
+    """A micro-batch's term, weighted by its share of the rank's batch (the sum is the rank's mean)."""
+    terms[key] = terms.get(key, 0) + value.detach().float() * share
 
 
 def _apply(
