@@ -35,6 +35,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+def _registered(name: str, registry: tuple[str, ...], what: str) -> str:
+    """``name`` if the registry has it; the error lists the valid names."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} '{name}'; valid names: {', '.join(registry)}")
+    return name
+
+
 class DataConfig(Section):
     url: str = Field(description="Shard directory, brace pattern (shard-{000000..000009}.tar) or URL")
     resolution: int = Field(32, ge=8, le=1024)
@@ -78,9 +85,7 @@ class LossConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_loss(cls, name: str) -> str:
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss '{name}'; valid names: {', '.join(LOSSES)}")
-        return name
+        return _registered(name, LOSSES, "loss")
 
 
 class ScheduleConfig(Section):
@@ -117,9 +122,7 @@ class AugmentConfig(Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        if kind not in AUGMENTS:
-            raise ValueError(f"unknown augment '{kind}'; valid kinds: {', '.join(AUGMENTS)}")
-        return kind
+        return _registered(kind, AUGMENTS, "augment")
 
 
 class TrainConfig(Section):

@@ -213,3 +213,22 @@ def test_gradient_penalty_through_a_conv_discriminator() -> None:
     assert len(weights) == 10
     for w in weights:
         assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_path_lengths_of_a_linear_generator_by_hand() -> None:
+    """images = ws·A (every style layer alike): d<images, y>/d ws[n, l] = A y_n for each layer l, so the
+    length is ||A y_n||_2 with y the scaled image noise (StyleGAN2: y ~ N(0, I)/sqrt(H W))."""
+    from gan_dist.losses import path_lengths
+
+    n, layers, w_dim, c, h, w = 3, 4, 5, 2, 3, 3
+    a = torch.randn(w_dim, c * h * w, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    ws = torch.randn(n, layers, w_dim, requires_grad=True)
+    images = (ws.sum(1) @ a).view(n, c, h, w)
+    torch.manual_seed(7)
+    lengths = path_lengths(images, ws)
+    torch.manual_seed(7)
+    y = torch.randn(n, c, h, w) / (h * w) ** 0.5
+    expected = (y.view(n, -1) @ a.T).norm(dim=1)
+    torch.testing.assert_close(lengths, expected)
+    lengths.sum().backward()  # differentiable: the penalty's double backward reaches G's weights (here A)
+    assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0

@@ -268,6 +268,7 @@ def build_loader(cfg: GanConfig, rank: int, world_size: int, position: DataPosit
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(cfg.train.seed),  # not the global RNG: a resume restores that
     )
     return BatchIterator(loader, plan, start)
 

@@ -137,21 +137,23 @@ def start_worker(cfg: GanConfig) -> Worker:
                                                                          "layouts": []}))  # fmt: skip
         if resumed["config"]["run"]["name"] == cfg.run.name:  # continuing into a new name opens a new run
             run_id = resumed["mlflow_run_id"]
-        if len(resumed["rng"]) == world:  # same world size: continue each rank's random streams exactly
-            restore_rng(resumed["rng"][rank], noise)
-        else:  # another world size (elastic): fresh streams, derived from the seed, the rank and the step
-            reseed(noise, cfg.train.seed, rank, step)
     tracker = _open_tracker(cfg, rank, world, run_id, step)
     progress = ProgressChannel.connect(cfg, rank)  # gan_dist console: the driver's live view and Ctrl-C
     progress.started(step, world, tracker)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     data = build_loader(cfg, rank, world, position)
+    evaluation = _start_evaluation(cfg, rank, world, device)
+    # Last, because setting up tracking, evaluation and data may draw from the global RNG.
+    if resumed is not None and len(resumed["rng"]) == world:  # same world: each rank's streams, exactly
+        restore_rng(resumed["rng"][rank], noise)
+    elif resumed is not None:  # another world size (elastic): fresh streams from the seed, the rank and the step
+        reseed(noise, cfg.train.seed, rank, step)
     return Worker(
         cfg=cfg, rank=rank, world=world, device=device, m=m, noise=noise, tracker=tracker, data=data,
         stop=StopWatch(rank, world, cfg.train.preempt_grace_s, user_stop=progress.stop_requested), progress=progress,
         fixed_z=fixed_z.to(device),
         class_names=list(data.plan.class_names), class_counts=list(data.plan.class_counts),
-        evaluation=_start_evaluation(cfg, rank, world, device),
+        evaluation=evaluation,
         last_good=host_copy(resumed or {"step": 0, **training_state(m)}),
         step=step, skipped_before=skipped_before, attempt=all_gather(time.time_ns() // 10**6, world)[0],
     )  # fmt: skip

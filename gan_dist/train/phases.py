@@ -375,7 +375,7 @@ def log_final_generator(w: Worker) -> None:
 
 def record_stop(w: Worker, stop: StopTraining) -> None:
     """Rank 0 leaves the reason where the driver looks for it after ``fit()``."""
-    progress_logger().log(logging.INFO if stop.status == "KILLED" else logging.ERROR, "stopping: %s", stop)
-    if w.rank == 0:
+    if w.rank == 0:  # every rank stops at the same step, for the same reason: one line says it
+        progress_logger().log(logging.INFO if stop.status == "KILLED" else logging.ERROR, "stopping: %s", stop)
         marker = {"step": w.step, "reason": str(stop), "status": stop.status, "mlflow_run_id": w.tracker.run_id}
         storage.write_bytes(stop_marker_url(w.cfg), json.dumps(marker).encode(), w.cfg.storage)
