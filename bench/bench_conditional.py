@@ -100,7 +100,7 @@ def main() -> None:
           [("step", "step"), ("class_accuracy", "class accuracy"), ("fid", "FID (classifier features)"),
            ("intra_fid_mean", "intra-FID (mean of 10 classes)")], rows)],
         [f"`gan-dist sample --class 3 --num {SAMPLES}` on the final checkpoint: the classifier reads {share:.1%} of "
-         "the written PNGs as 3s (docs/conditional_mnist_classes.png: one row per class)",
+         "the written PNGs as 3s (docs/conditional_mnist_classes.png: the labelled grid the sampler wrote)",
          f"final class accuracy {accuracy[-1][1]:.3f} after {cfg.train.steps} steps ({wall / 60:.1f} min)"],
         "bench_conditional.py", args, raw={"rows": rows, "sampled_as_3": share, "predictions": predicted.tolist()},
     )  # fmt: skip

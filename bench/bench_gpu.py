@@ -26,10 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import REPO, machine, write_results
 from profile_step import gan_dist_step
 
-MODELS = {  # name: (job whose model trains, resolution, batch per step)
-    "dcgan-64": ("mnist.yaml", 64, 128),
-    "resnet-256": ("ffhq_256_resnet.yaml", 256, 32),
-    "stylegan2-256": ("ffhq_256.yaml", 256, 32),  # StyleGAN2-ADA quotes 21.6-24.2 s/kimg on one V100
+MODELS = {  # name: (job whose model trains, resolution, batch per step, overrides)
+    "dcgan-64": ("mnist.yaml", 64, 128, ["model.g_width=64", "model.d_width=64", "model.z_dim=100"]),  # DCGAN paper
+    "resnet-256": ("ffhq_256_resnet.yaml", 256, 32, []),
+    "stylegan2-256": ("ffhq_256.yaml", 256, 32, []),  # StyleGAN2-ADA quotes 21.6-24.2 s/kimg on one V100
 }
 # Variants: config overrides. "bf16" is autocast over the whole step, except for StyleGAN2, where it is its
 # own equivalent of StyleGAN2-ADA's fp16 layers: the 4 highest resolutions in bf16, activations clamped.
@@ -58,9 +58,9 @@ def variant_overrides(model: str, variant: str) -> list[str]:
 def job_config(model: str, variant: str, tiny: bool) -> Any:
     from gan_dist.config import load_config
 
-    job, resolution, batch = MODELS[model]
+    job, resolution, batch, model_overrides = MODELS[model]
     overrides = ["data.url=/unused", f"data.resolution={resolution}", "data.channels=3", f"train.batch_size={batch}",
-                 "scaling.num_workers=1", "scaling.use_gpu=true", *variant_overrides(model, variant)]  # fmt: skip
+                 "scaling.num_workers=1", "scaling.use_gpu=true", *model_overrides, *variant_overrides(model, variant)]  # fmt: skip
     if tiny:  # the smallest models the configs allow: checks the script, measures nothing
         overrides += ["data.resolution=32", "train.batch_size=4"]
         overrides += (["model.channel_base=256", "model.channel_max=16", "model.mapping_layers=2", "model.w_dim=16",

@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=6, help="FID evaluations along each run")
     parser.add_argument("--configs", default="dcgan,stylegan2,stylegan2+ada,stylegan2+diffaug")
     parser.add_argument("--holdout", type=int, default=297, help="images kept out of training, to test D on")
+    parser.add_argument("--tag", default="", help="suffix of the result files (quality_<data>[_<tag>])")
     args = parser.parse_args()
     info = machine()
     names = args.configs.split(",")
@@ -181,7 +182,7 @@ def main() -> None:
               for r in rows]  # fmt: skip
     best = min(rows, key=lambda r: r["fid_final"])
     publish(
-        f"quality_{args.data}", f"Sample quality at equal time: {args.data}", info,
+        f"quality_{args.data}{'_' + args.tag if args.tag else ''}", f"Sample quality at equal time: {args.data}", info,
         {"data": args.data, "training images": len(train_images), "held out": len(held_out)},
         [("Final scores (classifier-feature FID: lower is better; comparable only within this table)", columns, rows),
          ("Curves along training (step:value)", [("config", "configuration"), ("fid", "FID"), ("p", "ADA p"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +101,7 @@ def train(
     Ctrl-C once: checkpoint the current step and stop (continue later with the same run.name); twice: stop now."""
     from gan_dist.console import RunConsole, quiet_ray
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a stuck command is
     quiet_ray(verbose, local=address is None and not os.environ.get("RAY_ADDRESS"))  # before Ray is imported
     items = list(overrides or []) + ([f"checkpoint.resume_from={resume}"] if resume else [])
     try:
@@ -112,11 +116,22 @@ def train(
     view = RunConsole(cfg, out, verbose, command)
     view.header(address, data=f"{sum(plan.counts)} images in {len(plan.shards)} shards")
     outcome = _run_watched(cfg, address, view, verbose)
-    from gan_dist.tracking.info import run_links
-
-    view.summary(outcome, run_links(outcome.tracking_uri, outcome.mlflow_run_id))
+    view.summary(outcome, _run_links(outcome))
     if outcome.stopped:
         raise typer.Exit(130)  # stopped by the user (Ctrl-C) before train.steps, as a shell's interrupted command
+
+
+def _run_links(outcome: TrainingOutcome, timeout_s: float = 20.0) -> dict[str, str]:
+    """The MLflow links for the summary, or none if the store does not answer in time: a tracking server that
+    went away must not hold up the end of a finished run (MLflow's client retries for minutes)."""
+    from gan_dist.tracking.info import run_links
+
+    links: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: links.update(run_links(outcome.tracking_uri, outcome.mlflow_run_id)),
+                              name="gan_dist-links", daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(timeout_s)
+    return dict(links) if not reader.is_alive() else {}
 
 
 def _run_watched(cfg: GanConfig, address: Optional[str], view: RunConsole, verbose: bool) -> TrainingOutcome:

@@ -189,6 +189,8 @@ def finish(proc: subprocess.Popen, lines: list[str], timeout: float = 300) -> in
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the CLI prints every thread's stack: where it hung
+        time.sleep(3)
         proc.kill()
         proc.wait()
         pytest.fail("gan-dist hung; it printed:\n" + "".join(lines)[-6000:])
