@@ -137,11 +137,14 @@ def start_worker(cfg: GanConfig) -> Worker:
                                                                          "layouts": []}))  # fmt: skip
         if resumed["config"]["run"]["name"] == cfg.run.name:  # continuing into a new name opens a new run
             run_id = resumed["mlflow_run_id"]
+    # The loader forks its worker processes now, before this rank starts threads of its own (tracking,
+    # progress): a fork copies every lock as it is, and one held by another thread (seen: tempfile's, taken by
+    # the MLflow thread) stays held forever in the child, which then never delivers a batch.
+    data = build_loader(cfg, rank, world, position)
     tracker = _open_tracker(cfg, rank, world, run_id, step)
     progress = ProgressChannel.connect(cfg, rank)  # gan_dist console: the driver's live view and Ctrl-C
     progress.started(step, world, tracker)
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
-    data = build_loader(cfg, rank, world, position)
     evaluation = _start_evaluation(cfg, rank, world, device)
     # Last, because setting up tracking, evaluation and data may draw from the global RNG.
     if resumed is not None and len(resumed["rng"]) == world:  # same world: each rank's streams, exactly
