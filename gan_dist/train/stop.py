@@ -82,15 +82,16 @@ class StopWatch:
                 os._exit(EXIT_AFTER_GRACE)  # the grace period is over: go, checkpoint or not
 
     def _local_reason(self, step: int) -> int:
+        # Ray's notice is a collective (the answer is rank 0's): every rank asks at the same steps, whatever it
+        # has to say itself; a rank that skipped it on its own SIGTERM or stop request would hang the others.
+        noticed = False
+        if step % PREEMPTION_CHECK_EVERY == 0 and not self._noticed:
+            noticed = self._noticed = ray.train.get_preemption_info() is not None
         if self._sigterm_received():
             return PREEMPTED
         if self._user_stop is not None and self._user_stop():
             return STOPPED
-        # Every rank asks at the same steps: it is a collective of Ray Train's (the answer is rank 0's).
-        if step % PREEMPTION_CHECK_EVERY == 0 and not self._noticed and ray.train.get_preemption_info() is not None:
-            self._noticed = True
-            return NOTICED
-        return 0
+        return NOTICED if noticed else 0
 
     def poll(self, step: int) -> int:
         """What every rank agreed to do after ``step``: 0 carry on, NOTICED checkpoint and carry on, STOPPED
