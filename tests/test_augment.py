@@ -127,7 +127,7 @@ def test_all_reduce_gives_every_rank_the_p_of_the_pooled_logits(tmp_path):
     rank0 = [_logits(1, 0), _logits(1, 0), _logits(0, 1), _logits(0, 1)]
     rank1 = [_logits(7, 3), _logits(7, 3), _logits(10, 0), _logits(10, 0)]
     torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), [rank0, rank1], str(tmp_path)), nprocs=2)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert per_rank[0] == per_rank[1]
 
     pipe, ada = AugmentPipe(3), AdaController(interval=2, speed_kimg=0.1, batch_size=22)
