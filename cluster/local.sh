@@ -2,13 +2,20 @@
 # A multi-node Ray cluster on one machine, for trying multi-node runs and for the end-to-end tests:
 # a head node (0 CPUs by default, so training lands on workers, as on a real cluster) plus N worker
 # raylets, each with its own CPUs and a custom resource "node-K". Every process started here is recorded
-# in STATE/pids and stopped by its process id — never `ray stop`, which kills every Ray on the host.
+# in STATE/pids with its start time and stopped by its process id — never `ray stop`, which kills every Ray on the
+# host — once that pid is checked to be still the process started here.
 #
 #   cluster/local.sh start [--workers 2] [--cpus-per-worker 1] [--head-cpus 0] [--state DIR]
 #   cluster/local.sh add-worker [--cpus-per-worker 1] [--state DIR]   # one more worker node
 #   cluster/local.sh remove-worker K [--state DIR]                    # kill worker node K by pid
 #   cluster/local.sh stop [--state DIR]
+#   cluster/local.sh dir [--state DIR]                                # print STATE
 #
+# STATE is private to the user who runs this: owned by them and closed to others (a new one is made 0700; any other
+# is refused, so nobody else can plant pids for `stop` to kill or read the token). It is --state DIR (or
+# $GAN_DIST_CLUSTER_STATE), else a fresh `mktemp -d` directory made by `start` in $TMPDIR or /tmp, whose path is kept
+# in ${XDG_CACHE_HOME:-~/.cache}/gan_dist/local-cluster for the other commands. (Not in the home directory itself:
+# Ray's socket paths under STATE/ray must stay within 107 bytes.)
 # After `start`, STATE/address holds the GCS address (for `gan-dist train --address`) and
 # STATE/dashboard the Job Submission address (for `gan-dist submit --address`).
 # Nodes use 127.0.0.1 and the dashboard listens there only (Ray's gRPC servers listen on every interface; Ray
@@ -22,7 +29,7 @@ set -euo pipefail
 
 cmd=${1:-}
 shift || true
-workers=2 cpus=1 head_cpus=0 state=${GAN_DIST_CLUSTER_STATE:-/tmp/gan_dist_local_cluster} index=
+workers=2 cpus=1 head_cpus=0 state=${GAN_DIST_CLUSTER_STATE:-} index=
 while [ $# -gt 0 ]; do
   case $1 in
     --workers) workers=$2; shift 2 ;;
@@ -33,8 +40,25 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-[ "$cmd" = start ] && mkdir -p "$state"
-[ -d "$state" ] && state=$(cd "$state" && pwd)  # Ray wants an absolute --temp-dir
+case $cmd in
+  start | add-worker | remove-worker | stop | dir) ;;
+  *) sed -n '2,27p' "$0"; exit 2 ;;
+esac
+pointer=${XDG_CACHE_HOME:-$HOME/.cache}/gan_dist/local-cluster
+if [ -z "$state" ] && [ "$cmd" = start ] && ! { [ -f "$pointer" ] && [ -s "$(cat "$pointer")/pids" ]; }; then
+  state=$(mktemp -d "${TMPDIR:-/tmp}/gan-dist.XXXXXX")  # 0700, a name nobody can guess or take first
+  (umask 077; mkdir -p "$(dirname "$pointer")" && echo "$state" >"$pointer")
+elif [ -z "$state" ]; then
+  [ -f "$pointer" ] || { echo "no cluster started here (no $pointer); give --state DIR" >&2; exit 1; }
+  state=$(cat "$pointer")
+fi
+[ "$cmd" = start ] && (umask 077; mkdir -p "$state")
+[ -d "$state" ] || { echo "no cluster state in $state" >&2; exit 1; }
+state=$(cd "$state" && pwd -P)  # Ray wants an absolute --temp-dir; -P: what is checked is what is used
+# Only a directory of this user's that nobody else can write into: its pids get killed, its token is the cluster.
+[ -O "$state" ] || { echo "$state is not owned by $(id -un): refusing to use it" >&2; exit 1; }
+perms=$(ls -ld "$state" | cut -c1-10)
+[ "${perms:4:6}" = ------ ] || { echo "$state is open to other users ($perms): chmod 700 it or use another" >&2; exit 1; }
 token_file=$state/auth_token given_token=${RAY_AUTH_TOKEN:-}
 # Every node (and the jobs it runs) reads the token from the file; RAY_AUTH_TOKEN would take precedence over
 # RAY_AUTH_TOKEN_PATH, so only `start` looks at it, to write it there.
@@ -68,7 +92,23 @@ launch() {
   local name=$1; shift
   setsid "$RAY" start --block --node-ip-address=127.0.0.1 --temp-dir="$state/ray/$name" --disable-usage-stats "$@" \
     >"$state/$name.log" 2>&1 &
-  echo "$name $!" >>"$state/pids"
+  echo "$name $! $(started "$!")" >>"$state/pids"
+}
+
+# A process's start time: with its pid, what tells it from a later process that got the same pid. In one fixed
+# locale and zone, so that a `stop` run from another environment reads the same text.
+started() { LC_ALL=C TZ=UTC ps -o lstart= -p "$1" 2>/dev/null | awk '{$1 = $1; print}'; }
+
+# Signal node NAME's process group if its recorded pid is still the process launched here. A leader gone with no
+# process left in its group frees the pid for reuse, so a pid whose start time differs is not ours any more.
+signal_node() {
+  local signal=$1 name=$2 pid=$3 start=$4 now
+  now=$(started "$pid")
+  if [ -z "$start" ] || { [ -n "$now" ] && [ "$now" != "$start" ]; }; then
+    echo "pid $pid is not $name as started here (recorded start '${start:-none}', now '${now:-gone}'): not killed" >&2
+    return 1
+  fi
+  kill "-$signal" -- "-$pid" 2>/dev/null || true  # a gone leader's group: the node's processes it left behind
 }
 
 # Wait until the head answers and every named worker node (by its "node-K" resource) is alive. Named
@@ -121,24 +161,24 @@ case $cmd in
     echo "worker-$k added"
     ;;
   remove-worker)
-    pid=$(awk -v n="worker-$index" '$1 == n {print $2}' "$state/pids" | tail -n 1)
-    [ -n "$pid" ] || { echo "no worker-$index recorded in $state" >&2; exit 1; }
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    record=$(awk -v n="worker-$index" '$1 == n' "$state/pids" | tail -n 1)
+    [ -n "$record" ] || { echo "no worker-$index recorded in $state" >&2; exit 1; }
+    read -r name pid start <<<"$record"
+    signal_node KILL "$name" "$pid" "$start"
     echo "worker-$index (pid $pid) killed"
     ;;
   stop)
     [ -f "$state/pids" ] || { echo "nothing recorded in $state"; exit 0; }
     # Workers first, head last; each node's process group gets TERM, then KILL if it lingers.
-    tac "$state/pids" | while read -r name pid; do
-      kill -TERM -- "-$pid" 2>/dev/null || true
-      for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-      kill -KILL -- "-$pid" 2>/dev/null || true
+    tac "$state/pids" | while read -r name pid start; do
+      signal_node TERM "$name" "$pid" "$start" || continue
+      for _ in $(seq 1 20); do [ "$(started "$pid")" = "$start" ] || break; sleep 0.5; done
+      signal_node KILL "$name" "$pid" "$start" 2>/dev/null || true
       echo "stopped $name (pid $pid)"
     done
     rm -f "$state/pids"
     ;;
-  *)
-    sed -n '2,20p' "$0"
-    exit 2
+  dir)
+    echo "$state"
     ;;
 esac

@@ -108,7 +108,7 @@ def train(
         cfg = load_config(config, items)
         from gan_dist.driver import preflight
 
-        plan = preflight(cfg)
+        plan = preflight(cfg, address)
     except (ConfigError, ValueError) as exc:
         _fail("config error", escape(str(exc)))
     command = ["train", str(config), *(a for item in items for a in ("--set", item)),
@@ -180,6 +180,7 @@ def export(
 
 
 TOKEN_FILE_HELP = "File holding the cluster's token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+ALLOW_HTTP_HELP = "Send the token over plain http:// to a host other than this one (a network you trust only)"
 
 
 @contextmanager
@@ -197,10 +198,11 @@ def _cluster_errors() -> Iterator[None]:
 def submit(
     config: Path = typer.Argument(..., help="Job config YAML"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)"),
-    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
+    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://127.0.0.1:8265 (a tunnel to the head)"),
     job_id: Optional[str] = typer.Option(None, help="Submission id (default: generated)"),
     follow: bool = typer.Option(False, "--follow", help="Stream logs until the job ends; exit code = job result"),
     token_file: Optional[Path] = typer.Option(None, help=TOKEN_FILE_HELP),
+    allow_http: bool = typer.Option(False, "--allow-http", help=ALLOW_HTTP_HELP),
     forward_credentials: bool = typer.Option(
         False,
         "--forward-credentials",
@@ -214,7 +216,8 @@ def submit(
 
     try:
         with _cluster_errors():
-            submitted, run_name = jobs.submit(config, overrides or [], address, job_id, token_file, forward_credentials)
+            submitted, run_name = jobs.submit(config, overrides or [], address, job_id, token_file, forward_credentials,
+                                             allow_http)
     except (ConfigError, ValueError) as exc:
         _fail("config error", str(exc))
     out.print(f"submitted job {submitted} (run {run_name})")
@@ -223,7 +226,7 @@ def submit(
     if follow:
         out.print(f"following job {submitted}'s log (Ctrl-C stops following, not the job):", highlight=False)
         with _cluster_errors():
-            final = jobs.follow(submitted, address, token_file)
+            final = jobs.follow(submitted, address, token_file, allow_http)
         if final is None:
             out.print(f"stopped following; the job goes on: gan-dist status {submitted} / gan-dist stop {submitted} "
                       f"--address {address}", highlight=False)  # fmt: skip
@@ -238,12 +241,13 @@ def status(
     job_id: str = typer.Argument(...),
     address: str = typer.Option(..., help="Ray dashboard address"),
     token_file: Optional[Path] = typer.Option(None, help=TOKEN_FILE_HELP),
+    allow_http: bool = typer.Option(False, "--allow-http", help=ALLOW_HTTP_HELP),
 ) -> None:
     """Print a submitted job's status."""
     from gan_dist import submit as jobs
 
     with _cluster_errors():
-        out.print(jobs.status(job_id, address, token_file).value)
+        out.print(jobs.status(job_id, address, token_file, allow_http).value)
 
 
 @app.command()
@@ -251,12 +255,13 @@ def stop(
     job_id: str = typer.Argument(...),
     address: str = typer.Option(..., help="Ray dashboard address"),
     token_file: Optional[Path] = typer.Option(None, help=TOKEN_FILE_HELP),
+    allow_http: bool = typer.Option(False, "--allow-http", help=ALLOW_HTTP_HELP),
 ) -> None:
     """Stop a submitted job (its run can be continued later by name)."""
     from gan_dist import submit as jobs
 
     with _cluster_errors():
-        out.print("stopped" if jobs.stop(job_id, address, token_file) else "not running")
+        out.print("stopped" if jobs.stop(job_id, address, token_file, allow_http) else "not running")
 
 
 @app.command()

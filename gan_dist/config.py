@@ -19,7 +19,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from gan_dist.augment import AUGMENTS
 from gan_dist.losses import LOSSES
 from gan_dist.models import ARCHITECTURES
-from gan_dist.schema import Section
+from gan_dist.checks import check_combinations
+from gan_dist.schema import COMBINATION, Section
 from gan_dist.storage import StorageConfig
 
 # ``model`` is one of the registered architectures' sections, chosen by its ``arch`` key (default dcgan).
@@ -107,6 +108,11 @@ class OptimConfig(Section):
     d_schedule: ScheduleConfig = ScheduleConfig()
     g_clip_norm: float | None = Field(None, gt=0, description="Clip G's gradient norm to this (unset: no clipping)")
     d_clip_norm: float | None = Field(None, gt=0, description="Clip D's gradient norm to this (unset: no clipping)")
+    lazy_reg_scaling: bool = Field(
+        True,
+        description="stylegan2 with lazy R1 / path length every k > 1 steps: Adam lr x k/(k+1) and betas^(k/(k+1)) "
+        "for the regularized net (StyleGAN2-ADA's per-minibatch rates)",
+    )
 
 
 class AugmentConfig(Section):
@@ -244,35 +250,8 @@ class GanConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> GanConfig:
-        if self.train.batch_size < self.scaling.max_workers * self.train.accumulate:
-            raise ValueError(
-                f"@train.batch_size@global batch {self.train.batch_size} cannot give each of "
-                f"{self.scaling.max_workers} workers (scaling.num_workers) {self.train.accumulate} micro-batch(es)"
-            )
         self._resolve_arch_defaults()
-        batch_norm_d = getattr(self.model, "d_norm", "none") == "batch"
-        if self.loss.name == "wgan-gp" and batch_norm_d:
-            raise ValueError(
-                "@model.d_norm@wgan-gp's per-sample gradient penalty is invalid with BatchNorm in D; "
-                "set model.d_norm=none"
-            )
-        if self.loss.r1_gamma and batch_norm_d:
-            raise ValueError(
-                "@loss.r1_gamma@R1 needs each sample's own gradient, which BatchNorm in D mixes across the batch "
-                "(and SyncBatchNorm cannot double-backward); set model.d_norm=none or loss.r1_gamma=0"
-            )
-        if self.loss.pl_weight and not hasattr(self.model, "mapping_layers"):
-            raise ValueError("@loss.pl_weight@the path-length penalty needs a style-based G (model.arch=stylegan2)")
-        if self.loss.ac_weight and not self.model.conditional:
-            raise ValueError("@loss.ac_weight@the auxiliary classifier needs a conditional model (model.conditional=true)")
-        if self.loss.ac_weight and not ARCHITECTURES[self.model.arch].auxiliary_classifier:
-            raise ValueError(f"@loss.ac_weight@model.arch={self.model.arch} has no auxiliary classifier head")
-        try:
-            self.model.check_resolution(self.data.resolution)
-        except ValueError as exc:
-            raise ValueError(f"@data.resolution@{self.model.arch} {exc}") from None
-        if self.train.sync_batchnorm and not self.scaling.use_gpu:
-            raise ValueError("@train.sync_batchnorm@SyncBatchNorm needs scaling.use_gpu=true")
+        check_combinations(self)
         return self
 
     def _resolve_arch_defaults(self) -> None:
@@ -284,11 +263,13 @@ class GanConfig(Section):
         if self.loss.pl_weight is None:
             object.__setattr__(self.loss, "pl_weight", 2.0 if style_based else 0.0)
 
-    def micro_batches(self, rank_batch: int) -> int:
-        """How many micro-batches a rank splits its ``rank_batch`` images of a step into."""
+    def micro_batches(self, world: int) -> int:
+        """How many micro-batches every rank of a ``world``-rank group splits its share of a step into: the same
+        on every rank (so every rank runs the same passes and collectives), enough for the largest share."""
         if self.train.micro_batch is None:
             return self.train.accumulate
-        return max(self.train.accumulate, -(-rank_batch // self.train.micro_batch))
+        largest_share = -(-self.train.batch_size // world)
+        return max(self.train.accumulate, -(-largest_share // self.train.micro_batch))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -337,8 +318,8 @@ def _format_validation_error(exc: ValidationError) -> ConfigError:
     loc = list(err["loc"])
     arch = loc.pop(1) if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in ARCHITECTURES else None
     key = ".".join(str(p) for p in loc)
-    if "@" in msg:  # our cross-field errors carry their own key: "...@key@message"
-        _, key, msg = msg.split("@", 2)
+    if err["type"] == COMBINATION:  # our cross-key checks name the key to blame
+        key, msg = err["ctx"]["key"], err["ctx"]["message"]
     elif err["type"] == "union_tag_invalid":
         key, msg = "model.arch", f"unknown arch {err['input'].get('arch')!r}; choose one of {sorted(ARCHITECTURES)}"
     elif err["type"] == "extra_forbidden":

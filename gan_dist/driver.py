@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -29,6 +30,7 @@ from gan_dist.config import ConfigError, GanConfig
 from gan_dist.data.shards import plan_data
 from gan_dist import storage
 from gan_dist.storage import StorageError, pyarrow_filesystem
+from gan_dist.tracking.redact import check_no_secrets
 from gan_dist.train.progress import HUB_NAMESPACE, ProgressHub, hub_name
 
 POLL_S = 0.5  # how often the driver collects rank 0's events
@@ -69,10 +71,13 @@ class TrainingOutcome:
     stopped: str | None = None  # why the run ended before train.steps on purpose (a user's stop)
 
 
-def preflight(cfg: GanConfig) -> Any:
+def preflight(cfg: GanConfig, address: str | None = None) -> Any:
     """Fail before Ray starts when the data cannot feed the configured worker group or does not fit the model;
-    a conditional model takes its class count from the dataset's manifest unless the config sets it. Returns
-    the data plan."""
+    a conditional model takes its class count from the dataset's manifest unless the config sets it. For a
+    cluster (``address``, or RAY_ADDRESS), refuse a config carrying a credential: it travels there as the trainer's
+    argument, readable by any code on the cluster. Returns the data plan."""
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        check_no_secrets(cfg)
     try:
         plan = plan_data(cfg, cfg.scaling.max_workers)
     except ValueError as exc:
@@ -159,11 +164,35 @@ def connect(address: str | None) -> bool:
     if address is None and os.environ.get("RAY_ADDRESS"):
         ray.init()  # inside a submitted job: join the job's cluster (its runtime env ships this package)
     elif address is None:
+        private_default_token()
         ray.init(address="local", include_dashboard=False, configure_logging=False)
     else:
         # A remote cluster's workers do not have this package: ship it with the job.
         ray.init(address=address, runtime_env={"py_modules": [str(Path(gan_dist.__file__).parent)]})
     return True
+
+
+def private_default_token() -> None:
+    """Before a local instance starts with token auth: Ray would write a missing ~/.ray/auth_token with this
+    process's umask, often readable by every user (ray/_private/authentication/authentication_token_setup.py
+    generate_and_save_token), and `gan-dist submit` later sends that token to clusters. Make it here, mode 0600,
+    or tighten the one an earlier Ray left readable. A token from RAY_AUTH_TOKEN(_PATH) is the user's to guard."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    token_env = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or token_env:  # unset: Ray's default is token
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        return
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator makes them
+    AuthenticationTokenLoader.instance().reset_cache()  # it may have looked for the file already
 
 
 def build_trainer(cfg: GanConfig, ray_log_level: str = "INFO") -> TorchTrainer:
@@ -200,7 +229,7 @@ def run_training(
     With a ``watcher`` (the CLI's console): rank 0's progress reaches it through a hub actor, Ray Train's own
     INFO lines stay in its log files unless ``verbose``, and Ctrl-C stops in two stages (``_two_stage_ctrl_c``).
     Raises RunError for problems the user can fix before anything trains."""
-    preflight(cfg)
+    preflight(cfg, address)
     if "://" not in cfg.checkpoint.storage:
         os.makedirs(cfg.checkpoint.storage, exist_ok=True)
     check_reachable(cfg, address)

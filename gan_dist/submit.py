@@ -9,11 +9,14 @@ What is guaranteed:
   instance role or workload identity, the environment ``cluster/local.sh`` starts in, a mounted credentials
   file). Only non-secret settings (endpoints, regions) travel with the job. ``forward_credentials=True`` is the
   explicit opt-in for a private single-user cluster; ``credentials_notice`` says where the values then show.
-- A config that carries a secret in a value (``user:password@`` in a URI, a secret-looking query parameter: what
-  ``gan_dist.tracking.redact`` would hide) is refused before anything is sent.
+- A config that carries a secret in a value or in its file (``user:password@`` in a URI, a secret-looking query
+  parameter, a credential-shaped value, a ``password: ...`` comment: what ``gan_dist.tracking.redact`` would hide)
+  is refused before anything is sent.
 - Every request carries the cluster's token: from ``token_file`` if given, else from where Ray looks for it
-  (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token). An unreachable cluster, a missing or wrong token
-  and an error answer of the Job server each raise one ``ClusterError`` whose message is one line.
+  (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token). A token file other users may open is refused, as ssh
+  refuses such a key; so is sending the token in clear text (http://) to a host other than this one, unless
+  ``allow_http``. An unreachable cluster, a missing or wrong token and an error answer of the Job server each raise
+  one ``ClusterError`` whose message is one line.
 
 The run name is fixed at submit time so that a retried job (KubeRay's backoffLimit, a resubmission) continues the
 same run from its latest checkpoint instead of starting over.
@@ -22,6 +25,7 @@ same run from its latest checkpoint instead of starting over.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shlex
 import shutil
@@ -30,7 +34,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 import requests
@@ -43,7 +47,8 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 import gan_dist
-from gan_dist.config import ConfigError, GanConfig, load_config
+from gan_dist.config import load_config
+from gan_dist.tracking.redact import check_no_secrets
 
 # Settings forwarded to the job when set where `gan-dist submit` runs: none of them is a secret.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
@@ -91,45 +96,21 @@ def credentials_notice(names: Sequence[str], forwarded: bool) -> str:
     )
 
 
-def check_no_secrets(cfg: GanConfig, config_path: Path) -> None:
-    """Refuse a config whose values, or whose file (comments included), carry a credential that Ray would keep in
-    plain text. A secret is whatever ``gan_dist.tracking.redact`` would hide."""
-    from gan_dist.tracking.redact import redact, redact_uri  # here: importing gan_dist.tracking loads MLflow
-
-    tree = cfg.model_dump(mode="json")
-    keys = _changed_keys(tree, redact(tree))
-    text = config_path.read_text()
-    if not keys and redact_uri(text) != text:
-        keys = [str(config_path)]
-    if keys:
-        raise ConfigError(
-            ", ".join(keys),
-            "carries a credential (user:password@ or a secret query parameter) that Ray would store in plain text "
-            "with the job; keep it on the cluster instead (MLflow: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
-            "or MLFLOW_TRACKING_TOKEN in the nodes' environment; see docs/security.md)",
-        )
-
-
-def _changed_keys(tree: dict[str, Any], redacted: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            keys += _changed_keys(value, redacted[key], f"{prefix}{key}.")
-        elif value != redacted[key]:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def auth_headers(token_file: Path | None = None) -> dict[str, str]:
     """Ray's HTTP auth header carrying the cluster's token; empty when no token is found."""
     if token_file is not None:
         try:
+            _check_private(Path(token_file))
             token = Path(token_file).read_text().strip()  # Ray strips token files the same way
         except OSError as exc:
             raise ClusterError(f"cannot read the token file {token_file}: {exc.strerror}") from None
         if not token:
             raise ClusterError(f"the token file {token_file} is empty")
         return {AUTHORIZATION_HEADER_NAME: AUTHORIZATION_BEARER_PREFIX + token}
+    if not os.environ.get("RAY_AUTH_TOKEN"):  # else the token comes from no file
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if path.is_file():
+            _check_private(path)
     try:
         # Ray's own lookup: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. RAY_AUTH_MODE here is
         # ignored on purpose: the cluster, not this process, decides whether the token is needed.
@@ -139,12 +120,43 @@ def auth_headers(token_file: Path | None = None) -> dict[str, str]:
         raise ClusterError(f"cannot read the token file RAY_AUTH_TOKEN_PATH={path} (missing or empty)") from None
 
 
+def _check_private(path: Path) -> None:
+    """Whoever reads the token controls the cluster: refuse a token file other users may open (as ssh does a key)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ClusterError(f"the token file {path} is open to other users (mode {mode:o}): chmod 600 {path}")
+
+
+def check_transport(address: str, headers: dict[str, str], allow_http: bool = False) -> None:
+    """Refuse to send the token in clear text (http://) to another host: anyone on the way could take it, and with
+    it the cluster. This host (a `ray dashboard`, `kubectl port-forward` or `ssh -L` tunnel) is fine."""
+    url = urlparse(address)
+    if url.scheme != "http" or not headers or allow_http or _is_loopback(url.hostname or ""):
+        return
+    raise ClusterError(
+        f"not sending the cluster's token in clear text to {address}: use https://, a tunnel to 127.0.0.1 "
+        "(ray dashboard, kubectl port-forward, ssh -L), or --allow-http on a network you trust (docs/security.md)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
+
+
 @contextmanager
-def job_server(address: str, token_file: Path | None = None) -> Iterator[JobSubmissionClient]:
+def job_server(
+    address: str, token_file: Path | None = None, allow_http: bool = False
+) -> Iterator[JobSubmissionClient]:
     """An authenticated client of the cluster's Job server; any failure to use it becomes one ``ClusterError``."""
     if not address.startswith(("http://", "https://")):  # Ray would look the dashboard up through the GCS instead
         raise ClusterError(f"--address {address}: give the dashboard's URL, e.g. http://127.0.0.1:8265")
     headers = auth_headers(token_file)
+    check_transport(address, headers, allow_http)
     try:
         yield JobSubmissionClient(address, headers=headers)
     except AuthenticationError:  # Ray's client raises it on 401 (no token) and 403 (wrong token)
@@ -166,6 +178,7 @@ def submit(
     job_id: str | None = None,
     token_file: Path | None = None,
     forward_credentials: bool = False,
+    allow_http: bool = False,
 ) -> tuple[str, str]:
     """Validate the config here, then submit it; returns (job id, run name)."""
     cfg = load_config(config_path, overrides)  # fail before anything reaches the cluster
@@ -176,7 +189,7 @@ def submit(
     try:
         shutil.copyfile(config_path, workdir / CONFIG_NAME)
         args = " ".join(f"--set {shlex.quote(item)}" for item in pinned)
-        with job_server(address, token_file) as client:
+        with job_server(address, token_file, allow_http) as client:
             submitted = client.submit_job(
                 entrypoint=f"python -m gan_dist train {CONFIG_NAME} {args}",
                 submission_id=job_id,
@@ -192,12 +205,14 @@ def submit(
     return submitted, cfg.run.name
 
 
-def follow(job_id: str, address: str, token_file: Path | None = None) -> JobStatus | None:
+def follow(
+    job_id: str, address: str, token_file: Path | None = None, allow_http: bool = False
+) -> JobStatus | None:
     """Stream the job's log to stdout until it ends; returns its final status, or None on Ctrl-C (the job goes on).
 
     The log is the job driver's own console: ``gan-dist train`` there has no terminal, so it prints plain
     progress lines, with Ray's internal lines already filtered out (``gan_dist.console.quiet_ray``)."""
-    with job_server(address, token_file) as client:
+    with job_server(address, token_file, allow_http) as client:
 
         async def tail() -> None:
             async for lines in client.tail_job_logs(job_id):
@@ -211,11 +226,11 @@ def follow(job_id: str, address: str, token_file: Path | None = None) -> JobStat
         return client.get_job_status(job_id)
 
 
-def status(job_id: str, address: str, token_file: Path | None = None) -> JobStatus:
-    with job_server(address, token_file) as client:
+def status(job_id: str, address: str, token_file: Path | None = None, allow_http: bool = False) -> JobStatus:
+    with job_server(address, token_file, allow_http) as client:
         return client.get_job_status(job_id)
 
 
-def stop(job_id: str, address: str, token_file: Path | None = None) -> bool:
-    with job_server(address, token_file) as client:
+def stop(job_id: str, address: str, token_file: Path | None = None, allow_http: bool = False) -> bool:
+    with job_server(address, token_file, allow_http) as client:
         return client.stop_job(job_id)

@@ -155,6 +155,19 @@ def test_pipe_is_exact_identity_at_p0_and_keeps_shape_and_dtype_at_p1(channels, 
     assert out.isfinite().all() and not torch.equal(out, x)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pipe_computes_in_float32_under_bf16_autocast(channels):
+    """Under bf16 autocast (train.precision=bf16) the matrices and resampling stay float32: the same output as
+    without autocast (before: mean error 0.06, max 1.3 on a [-1, 1] image at p = 1)."""
+    x, pipe = _images(channels=channels), AugmentPipe(channels)
+    pipe.p.fill_(1.0)
+    plain = pipe(x, generator=torch.Generator().manual_seed(3))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        autocast = pipe(x, generator=torch.Generator().manual_seed(3))
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=1e-5)
+
+
 def test_grey_images_ignore_lumaflip_hue_and_saturation():
     pipe = AugmentPipe(1, **{name: 0 for name in GEOMETRIC + ("brightness", "contrast")})
     pipe.p.fill_(1.0)

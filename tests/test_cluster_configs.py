@@ -1,9 +1,12 @@
 """Every cluster definition validates offline: launcher YAMLs against Ray's schema, KubeRay manifests' fields, and
 the security rules of docs/security.md: no definition turns authentication off, KubeRay manifests use authOptions
-token mode and take every credential from a Secret, dashboards listen on 127.0.0.1 unless others must reach them."""
+token mode and take every credential from a Secret, dashboards listen on 127.0.0.1 unless others must reach them.
+KubeRay manifests also fit the jobs they run: the RayJob pins its job file's own run.name, its entrypoint leaves
+nothing to the submitter pod's shell, and every pod outlives the job's preemption grace."""
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -106,16 +109,69 @@ def test_kuberay_raycluster_manifest():
     _check_cluster_spec(manifest["spec"])
 
 
+def _rayjob_job(entrypoint: str) -> tuple[Path, list[str]]:
+    """The job file (in jobs/) and the --set overrides of a `python -m gan_dist train FILE --set ...` entrypoint."""
+    words = shlex.split(entrypoint)
+    assert words[:4] == ["python", "-m", "gan_dist", "train"], entrypoint
+    overrides = [value for flag, value in zip(words[5::2], words[6::2]) if flag == "--set"]
+    assert len(overrides) * 2 == len(words) - 5, f"only --set options expected: {entrypoint}"
+    return JOBS / Path(words[4]).name, overrides
+
+
 def test_kuberay_rayjob_manifest_resumes_the_same_run_on_retry():
     manifest = yaml.safe_load((CLUSTER / "kuberay/rayjob.yaml").read_text())
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["backoffLimit"] >= 1
-    entrypoint = spec["entrypoint"]
-    assert entrypoint.startswith("python -m gan_dist train ")
-    assert "--set run.name=" in entrypoint, "a fixed run name makes a retried job resume, not restart"
-    job_file = entrypoint.split()[4]
-    assert (JOBS / Path(job_file).name).is_file()
-    load_config(JOBS / Path(job_file).name)
+    job_file, overrides = _rayjob_job(spec["entrypoint"])
+    assert job_file.is_file()
+    pinned = [item.split("=", 1)[1] for item in overrides if item.startswith("run.name=")]
+    assert pinned, "a fixed run name makes a retried job resume, not restart"
+    # The job file's own run.name: the run `gan-dist submit` of the same file continues, not a second one.
+    assert pinned == [load_config(job_file).run.name]
+    cfg = load_config(job_file, overrides)
+    tracking = {e["value"] for e in _env_entries(spec) if e["name"] == "MLFLOW_TRACKING_URI"}
+    assert tracking == {cfg.tracking.uri}, "the run logs to the MLflow server the pods are set up for"
     _check_cluster_spec(spec["rayClusterSpec"])
+
+
+def _entrypoints(tree):
+    if isinstance(tree, dict):
+        yield from (v for k, v in tree.items() if k == "entrypoint")
+        for child in tree.values():
+            yield from _entrypoints(child)
+    elif isinstance(tree, list):
+        for child in tree:
+            yield from _entrypoints(child)
+
+
+def test_no_entrypoint_leaves_a_variable_to_the_submitters_shell():
+    # KubeRay pastes spec.entrypoint unquoted into the submitter pod's `bash -c` line, where none of the Ray pods'
+    # env exists: `$MLFLOW_TRACKING_URI` there becomes an empty string.
+    found = {path: list(_entrypoints(yaml.safe_load(path.read_text()))) for path in CLUSTER.rglob("*.yaml")}
+    assert found[CLUSTER / "kuberay/rayjob.yaml"], "the RayJob's entrypoint is looked at"
+    for path, entrypoints in found.items():
+        for entrypoint in entrypoints:
+            assert "$" not in entrypoint and "`" not in entrypoint, f"{path.name}: {entrypoint}"
+
+
+# After the grace, the preemption checkpoint is still uploading and Ray shuts down: the pod needs this much more.
+SHUTDOWN_MARGIN_S = 30
+
+
+def _pod_templates(cluster_spec):
+    return [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_pods_outlive_the_preemption_grace(name):
+    manifest = yaml.safe_load((CLUSTER / name).read_text())
+    if manifest["kind"] == "RayJob":
+        cluster, graces = manifest["spec"]["rayClusterSpec"], [load_config(*_rayjob_job(manifest["spec"]["entrypoint"]))]
+    else:  # a standing cluster runs any of the shipped jobs
+        cluster, graces = manifest["spec"], [load_config(path) for path in JOBS.glob("*.yaml")]
+    needed = max(cfg.train.preempt_grace_s for cfg in graces) + SHUTDOWN_MARGIN_S
+    for template in _pod_templates(cluster):
+        # Kubernetes' default is 30 s: SIGKILL before the workers' checkpoint is written.
+        assert template["spec"].get("terminationGracePeriodSeconds", 30) >= needed, (name, template)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gan_dist.config import ConfigError, build_config, load_config
 
@@ -112,3 +113,39 @@ def test_shipped_job_configs_validate():
     assert jobs, "jobs/ should ship configs"
     for job in jobs:
         load_config(job)
+
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_the_elastic_4x8_job_is_valid_at_every_world_size_in_its_range():
+    """16-32 workers share 64 images as 2 or 3 each (24 workers: both): minibatch-stddev keeps its group of 2
+    on every rank (models/layers.py), so every size in the range is accepted."""
+    cfg = load_config(JOBS / "ffhq_256_4x8.yaml")
+    assert cfg.scaling.num_workers == (16, 32) and cfg.model.mbstd_group_size == 2
+
+
+def test_a_world_size_that_would_break_minibatch_stddev_is_refused_naming_the_keys():
+    # 48 images on 33..48 workers: some ranks get a single image, fewer than the group of 2
+    key, message = _error_key(yaml.safe_load((JOBS / "ffhq_256_4x8.yaml").read_text()), ["train.batch_size=48", "scaling.num_workers=[16, 48]"])
+    assert key == "model.mbstd_group_size"
+    assert "scaling.num_workers" in message and "train.batch_size=48 on 25 workers" in message
+    # micro-batches count too: 4 images per rank in micro-batches of 1 -> forwards of 1 < group 4
+    key, _ = _error_key(BASE, ["model.arch=stylegan2", "train.batch_size=16", "scaling.num_workers=4", "train.micro_batch=1"])
+    assert key == "model.mbstd_group_size"
+
+
+def test_micro_batches_are_the_same_count_on_every_rank_and_never_empty():
+    cfg = build_config(BASE, ["train.batch_size=8", "scaling.num_workers=3", "train.micro_batch=2"])
+    assert cfg.micro_batches(3) == 2  # shares 2, 3, 3: every rank 2 micro-batches (1+1, 2+1, 2+1)
+    assert cfg.micro_batches(1) == 4
+    # shares 2 and 3 in micro-batches of 1 would give the rank of 2 an empty third micro-batch
+    key, message = _error_key(BASE, ["train.batch_size=8", "scaling.num_workers=3", "train.micro_batch=1"])
+    assert key == "train.micro_batch" and "empty" in message
+
+
+def test_cross_key_errors_name_their_key_without_parsing_messages():
+    key, message = _error_key(BASE, ["model.arch=mlp", "loss.pl_weight=1"])
+    assert key == "loss.pl_weight" and message.startswith("loss.pl_weight: the path-length penalty")
+    key, _ = _error_key(BASE, ["model.arch=dcgan", "model.conditional=true", "model.num_classes=3", "model.g_batchnorm=false"])
+    assert key == "model.g_batchnorm"

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from gan_dist.config import build_config
 from gan_dist.models.io import read_state
-from gan_dist.train.checkpoint import restore_modules, save_checkpoint, training_state
+from gan_dist.train.checkpoint import restore_modules, save_checkpoint, seed_rank_streams, training_state
 from gan_dist.train.modules import bare, build_modules
 from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
@@ -54,11 +54,12 @@ def _train_and_save(rank: int, world: int, port: int, directory: str) -> None:
     try:
         cfg = _cfg(world)
         m = build_modules(cfg, torch.device("cpu"))
-        torch.manual_seed(rank)
+        noise = torch.Generator()
+        seed_rank_streams(noise, cfg.train.seed, rank, world, 0, None)  # each rank's own streams, as the trainer sets them
         for step in range(3):
-            real = torch.rand(12 // world, 1, 32, 32) * 2 - 1
-            discriminator_step(m, cfg, DiscriminatorBatch(real, torch.randn(12 // world, 16)), step)
-            generator_step(m, cfg, GeneratorBatch(torch.randn(12 // world, 16)), step)
+            real = torch.rand(12 // world, 1, 32, 32, generator=noise) * 2 - 1
+            discriminator_step(m, cfg, DiscriminatorBatch(real, torch.randn(12 // world, 16, generator=noise)), step)
+            generator_step(m, cfg, GeneratorBatch(torch.randn(12 // world, 16, generator=noise)), step)
         if rank == 0:
             save_checkpoint(directory, training_state(m, step=3, config=cfg.model_dump(mode="json")))
     finally:

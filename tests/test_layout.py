@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import collections
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,17 @@ def test_generator_logged_by_the_previous_layout_still_loads() -> None:
     z = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).numpy()
     expected = np.load(TESTS / "data" / "legacy_generator_model_expected.npy")
     np.testing.assert_allclose(model.predict(z), expected, rtol=0, atol=1e-6)
+
+
+# torch APIs gan_dist calls that are younger than torch itself, with the release that brought each.
+TORCH_APIS_SINCE = {"torch.nn.utils.get_total_norm": (2, 6), "torch.amp.GradScaler": (2, 3)}
+
+
+def test_the_declared_torch_floor_has_every_torch_api_the_package_calls():
+    """pyproject's lowest torch must run the code: a user pinned to it must not meet an AttributeError mid-run."""
+    source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (PACKAGE.parent / "pyproject.toml").read_text())
+    assert floor, "pyproject.toml declares no torch floor"
+    for api, since in TORCH_APIS_SINCE.items():
+        assert api.removeprefix("torch.") in source or api in source
+        assert (int(floor[1]), int(floor[2])) >= since, f"{api} needs torch >= {since[0]}.{since[1]}"

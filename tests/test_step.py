@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gan_dist.config import build_config
+from gan_dist.data.plan import rank_batch
+from gan_dist.train.checkpoint import capture_rng, seed_rank_streams
 from gan_dist.train.modules import bare, build_modules, parameter_digest
+from gan_dist.train.phases import all_gather
 from gan_dist.train.step import (
     DiscriminatorBatch,
     GeneratorBatch,
@@ -75,6 +79,22 @@ def test_ema_half_life_in_images_with_rampup():
     ramped = build_config({"data": {"url": "/unused"}}, ["train.batch_size=64", "train.ema_kimg=10", "train.ema_rampup=0.05"])
     assert ema_beta(ramped, 0) == pytest.approx(0.5 ** (64 / (64 * 0.05)))  # 1 step seen: 3.2 images
     assert ema_beta(ramped, 10**6) == ema_beta(cfg, 10**6)
+
+
+def test_lazy_regularization_scales_adam_like_stylegan2_ada():
+    """R1 every 16 D steps and path length every 4 G steps: D's lr x 16/17 and betas ^ 16/17, G's x 4/5
+    (StyleGAN2-ADA's mb_ratio); off with optim.lazy_reg_scaling=false, and for a non-style-based arch."""
+    options = ["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "model.z_dim=16",
+               "model.w_dim=16", "model.mapping_layers=2", "loss.r1_gamma=1", "loss.r1_every=16", "loss.pl_every=4",
+               "optim.g_lr=0.0025", "optim.d_lr=0.002", "optim.betas=[0.0, 0.99]"]  # fmt: skip
+    m = build_modules(build_config({"data": {"url": "/unused"}}, options), torch.device("cpu"))
+    d, g = m.opt_d.param_groups[0], m.opt_g.param_groups[0]
+    assert d["lr"] == pytest.approx(0.002 * 16 / 17) and d["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
+    assert g["lr"] == pytest.approx(0.0025 * 4 / 5) and g["betas"] == pytest.approx((0.0, 0.99 ** (4 / 5)))
+    plain = build_modules(build_config({"data": {"url": "/unused"}}, options + ["optim.lazy_reg_scaling=false"]), torch.device("cpu"))
+    assert plain.opt_d.param_groups[0]["lr"] == 0.002 and plain.opt_g.param_groups[0]["betas"] == (0.0, 0.99)
+    dcgan = build_modules(build_config({"data": {"url": "/unused"}}, TINY + NO_BATCHNORM + ["loss.r1_gamma=1", "loss.r1_every=16"]), torch.device("cpu"))
+    assert dcgan.opt_d.param_groups[0]["lr"] == 2e-4
 
 
 def _free_port():
@@ -177,34 +197,168 @@ STYLEGAN2 = ["model.arch=stylegan2", "model.channel_base=256", "model.channel_ma
              "loss.pl_every=1", "augment.kind=ada", "augment.interval=1", "augment.target=0.1"]  # fmt: skip
 
 
-def _stylegan2_worker(rank, world, port, result_dir):
+def _spawn(worker, world: int, *args) -> list[dict]:
+    """Run ``worker(rank, world, port, result_dir, *args)`` on ``world`` gloo ranks; their saved records."""
+    with tempfile.TemporaryDirectory() as result_dir:
+        mp.spawn(worker, args=(world, _free_port(), result_dir, *args), nprocs=world, join=True)
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+@torch.no_grad()
+def _draws(m) -> dict[str, torch.Tensor]:
+    """What the global RNG decides in a StyleGAN2 + ADA step, made visible on fixed inputs: ADA's transforms
+    of fixed images (p = 1), G's noise inputs (an image from a fixed z, noise strength raised from its
+    initial 0, no mixing) and style mixing (the styles of a fixed z with mixing always on)."""
+    fixed = torch.Generator().manual_seed(7)
+    images, z = torch.rand(4, 1, 32, 32, generator=fixed) * 2 - 1, torch.randn(4, 16, generator=fixed)
+    g, p = bare(m.g), m.augment.p.clone()
+    m.augment.p.fill_(1.0)
+    strengths = [layer.noise_strength for layer in g.modules() if hasattr(layer, "noise_strength")]
+    for strength in strengths:
+        strength.fill_(1.0)
+    out = {"augmented": m.augment(images), "noise_inputs": g(z), "mixed_styles": g(z, style_mix_prob=1.0, return_ws=True)[1]}
+    for strength in strengths:
+        strength.fill_(0.0)
+    m.augment.p.copy_(p)
+    return out
+
+
+def _stylegan2_worker(rank, world, port, result_dir):
+    _init(rank, world, port)
     try:
         cfg = build_config({"data": {"url": "/unused"}}, STYLEGAN2 + [f"scaling.num_workers={world}"])
         m = build_modules(cfg, torch.device("cpu"))
-        torch.manual_seed(100 + rank)  # each rank its own noise inputs, style mixing and augmentations
+        noise = torch.Generator()
+        seed_rank_streams(noise, cfg.train.seed, rank, world, 0, None)  # what every rank does on a fresh start
+        saved = all_gather(capture_rng(noise), world)  # what a checkpoint keeps
+        first = _draws(m)
+        seed_rank_streams(noise, cfg.train.seed, rank, world, 0, saved)  # what a resume at the same world does
+        again = _draws(m)
         terms = {}
         for step in range(3):
-            real = torch.rand(4, 1, 32, 32) * 2 - 1
-            terms.update(discriminator_step(m, cfg, DiscriminatorBatch(real, torch.randn(4, 16)), step))
+            real = torch.rand(4, 1, 32, 32, generator=noise) * 2 - 1
+            terms.update(discriminator_step(m, cfg, DiscriminatorBatch(real, torch.randn(4, 16, generator=noise)), step))
             m.ada.update(m.augment)
-            terms.update(generator_step(m, cfg, GeneratorBatch(torch.randn(4, 16)), step))
+            terms.update(generator_step(m, cfg, GeneratorBatch(torch.randn(4, 16, generator=noise)), step))
         record = {"digest": parameter_digest(m), "pl_mean": m.pl_mean.clone(), "p": m.augment.p.clone(),
-                  "w_avg": bare(m.g).mapping.w_avg.clone(), "terms": sorted(terms)}  # fmt: skip
+                  "w_avg": bare(m.g).mapping.w_avg.clone(), "terms": sorted(terms), "draws": first, "again": again}  # fmt: skip
         torch.save(record, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_stylegan2_with_r1_path_length_and_ada_keeps_replicas_identical(tmp_path):
-    """Every parameter gets a gradient (DDP would raise on an unused one), and the state every rank must
-    share stays bit-identical: weights, EMA-G, the mean style, the running path length, ADA's p."""
-    mp.spawn(_stylegan2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_stylegan2_ranks_draw_their_own_noise_augmentation_and_mixing_and_stay_in_sync():
+    """With each rank's streams set as the trainer sets them (nothing seeded per rank here): two ranks'
+    ADA transforms, noise inputs and style mixing differ at the same step, the same streams restored draw the
+    same again, and the state every rank must share stays bit-identical: weights, EMA-G, the mean style, the
+    running path length, ADA's p (every parameter gets a gradient: DDP would raise on an unused one)."""
+    ranks = _spawn(_stylegan2_worker, 2)
+    for key in ("augmented", "noise_inputs", "mixed_styles"):
+        assert not torch.allclose(ranks[0]["draws"][key], ranks[1]["draws"][key]), f"both ranks drew the same {key}"
+        for r in ranks:
+            assert torch.equal(r["draws"][key], r["again"][key]), f"a resumed rank drew other {key}"
     assert ranks[0]["digest"] == ranks[1]["digest"]
     for key in ("pl_mean", "p", "w_avg"):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     assert ranks[0]["pl_mean"] > 0 and ranks[0]["w_avg"].abs().sum() > 0 and ranks[0]["p"] > 0
     assert {"losses/d_r1", "losses/g_pl", "regularizers/pl_mean"} <= set(ranks[0]["terms"])
+
+
+# Noise inputs start at strength 0 and mixing is off, and a group of 1 makes minibatch-stddev per sample: the
+# D step (with R1) and the mean style are then deterministic, so they can be compared with one process.
+UNEVEN = STYLEGAN2 + ["model.style_mixing=0", "model.mbstd_group_size=1", "augment.kind=none", "loss.pl_batch_shrink=1"]
+
+
+def _uneven_worker(rank, world, port, result_dir, overrides):
+    _init(rank, world, port)
+    try:
+        result = _stylegan2_step(overrides + [f"scaling.num_workers={world}"], rank, world)
+        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _stylegan2_step(overrides: list[str], rank: int, world: int) -> dict:
+    """One D and one G step of StyleGAN2 with R1 and path length due, on this rank's share of fixed inputs,
+    recording every collective the step issues."""
+    cfg = build_config({"data": {"url": "/unused"}}, UNEVEN + overrides)
+    m = build_modules(cfg, torch.device("cpu"))
+    seed_rank_streams(torch.Generator(), cfg.train.seed, rank, world, 0, None)
+    gen = torch.Generator().manual_seed(99)
+    real, z_d, z_g = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1, torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    start = sum(rank_batch(8, world, r) for r in range(rank))
+    share = slice(start, start + rank_batch(8, world, rank))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        discriminator_step(m, cfg, DiscriminatorBatch(real[share], z_d[share]), 0)
+        d_params = [p.detach().clone() for p in bare(m.d).parameters()]
+        generator_step(m, cfg, GeneratorBatch(z_g[share]), 0)
+    return {"collectives": [e.name for e in prof.events() if e.name.startswith("gloo:")], "pl_mean": m.pl_mean.clone(),
+            "w_avg": bare(m.g).mapping.w_avg.clone(), "d_params": d_params, "digest": parameter_digest(m)}  # fmt: skip
+
+
+def test_three_uneven_ranks_with_micro_batches_and_path_length_agree_with_one_process():
+    """Shares of 2, 3 and 3 images in micro-batches of at most 2: every rank runs 2 micro-batches (the same
+    collectives; before, 1 vs 2 hung in the path-length all-reduce), ends with the same running path length,
+    and the step's deterministic parts equal one process on the whole batch."""
+    ranks = _spawn(_uneven_worker, 3, ["train.micro_batch=2"])
+    reference = _stylegan2_step(["scaling.num_workers=1"], rank=0, world=1)
+    assert len({r["digest"] for r in ranks}) == 1, "replicas diverged"
+    assert all(torch.equal(r["pl_mean"], ranks[0]["pl_mean"]) for r in ranks) and ranks[0]["pl_mean"] > 0
+    assert all(r["collectives"] == ranks[0]["collectives"] for r in ranks)
+    for got, want in zip(ranks[0]["d_params"], reference["d_params"]):
+        torch.testing.assert_close(got, want, rtol=5e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["w_avg"], reference["w_avg"], rtol=1e-5, atol=1e-6)
+    # pl_mean moved once, from every rank's lengths: the same order of size as one process's (its draws differ)
+    assert 0.5 < float(ranks[0]["pl_mean"] / reference["pl_mean"]) < 2.0
+
+
+ARCH_CASES = {
+    "mlp": ["model.arch=mlp"],
+    "dcgan": ["model.arch=dcgan"],
+    "resnet-sn": ["model.arch=resnet", "model.d_spectral_norm=true"],
+    "stylegan2": [],
+}
+
+
+def _collectives_worker(rank, world, port, result_dir):
+    _init(rank, world, port)
+    try:
+        records = {}
+        for arch, options in ARCH_CASES.items():
+            overrides = options + [f"scaling.num_workers={world}", "train.micro_batch=2", "loss.r1_gamma=1",
+                                   "loss.r1_every=1", "train.batch_size=8"]  # fmt: skip
+            base = UNEVEN if arch == "stylegan2" else TINY + NO_BATCHNORM
+            cfg = build_config({"data": {"url": "/unused"}}, base + overrides)
+            m = build_modules(cfg, torch.device("cpu"))
+            seed_rank_streams(torch.Generator(), cfg.train.seed, rank, world, 0, None)
+            share = rank_batch(8, world, rank)
+            real, z = torch.rand(share, 1, 32, 32) * 2 - 1, torch.randn(share, cfg.model.z_dim)
+            for step in range(3):  # DDP rebuilds its buckets after the first step (a broadcast in the second)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    discriminator_step(m, cfg, DiscriminatorBatch(real, z), step)
+                    generator_step(m, cfg, GeneratorBatch(z), step)
+            buckets = [len(net._get_ddp_logging_data()["bucket_sizes"].split(",")) for net in (m.d, m.g)]
+            records[arch] = {"collectives": [e.name for e in prof.events() if e.name.startswith("gloo:")], "buckets": buckets}
+        torch.save(records, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_of_one_step_per_arch():
+    """One training step (D with R1, then G; path length for stylegan2) on 3 uneven ranks in micro-batches,
+    for every arch: every rank issues the same collectives; they are DDP's gradient buckets of D and of G (one
+    reduction per step, however many micro-batches), plus one all-reduce for a style-based G's mean style and
+    path lengths; no buffer broadcasts."""
+    ranks = _spawn(_collectives_worker, 3)
+    for arch in ARCH_CASES:
+        got = [r[arch]["collectives"] for r in ranks]
+        assert all(c == got[0] for c in got), f"{arch}: ranks issued different collectives: {got}"
+        d_buckets, g_buckets = ranks[0][arch]["buckets"]
+        expected = d_buckets + g_buckets + (1 if arch == "stylegan2" else 0)
+        assert got[0] == ["gloo:all_reduce"] * expected, f"{arch}: {got[0]}"

@@ -208,13 +208,19 @@ def test_minibatch_std_against_hand_computation() -> None:
             torch.testing.assert_close(out[i, 4 + f], torch.full((2, 2), expected))
 
 
-def test_minibatch_std_falls_back_to_a_divisor_of_the_batch() -> None:
-    x = torch.randn(6, 2, 4, 4)
-    out = MinibatchStd(group_size=4)(x)  # 6 is not divisible by 4: groups of 3
-    group = x[[0, 2, 4]]
-    expected = (group.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
-    torch.testing.assert_close(out[0, 2], torch.full((4, 4), expected.item()))
-    assert MinibatchStd(group_size=4)(torch.randn(5, 2, 4, 4)).shape == (5, 3, 4, 4)
+def test_minibatch_std_keeps_its_group_on_uneven_batches() -> None:
+    """A rank of 3 images with group 2 computes the std over 2 images, like a rank of 2 (no group of 1)."""
+    x = torch.randn(3, 2, 4, 4)
+    out = MinibatchStd(group_size=2)(x)  # k = 1 group: samples 0 and 1; sample 2 is left over
+    expected = (x[:2].var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+    for i in range(3):
+        torch.testing.assert_close(out[i, 2], torch.full((4, 4), expected.item()))
+    assert out[:, 2].std() == 0 and expected > 0.5  # a real spread, not the constant sqrt(1e-8) of a group of 1
+    six = torch.randn(6, 2, 4, 4)
+    groups = MinibatchStd(group_size=4)(six)  # k = 1 group of 4 (samples 0-3); 4 and 5 take its statistic
+    expected = (six[:4].var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+    torch.testing.assert_close(groups[:, 2], torch.full((6, 4, 4), expected.item()))
+    assert MinibatchStd(group_size=4)(torch.randn(2, 2, 4, 4)).shape == (2, 3, 4, 4)  # smaller than G: one group
 
 
 # ---------------------------------------------------------------- networks

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from gan_dist.config import build_config
 from gan_dist.driver import run_training
@@ -33,6 +34,10 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
     state = read_state(first.checkpoint_path)
     assert state["step"] == 6
     assert {"g", "d", "g_ema", "opt_g", "opt_d"} <= set(state)
+    # Each rank drew from streams of its own (noise inputs, mixing, augmentations come from the global one).
+    streams = state["rng"]
+    assert len(streams) == 2
+    assert not torch.equal(streams[0]["torch"], streams[1]["torch"]) and not torch.equal(streams[0]["noise"], streams[1]["noise"])
     assert state["config"]["train"]["steps"] == 6 and state["config"]["run"]["name"] == "e2e-run"
     assert "steps: 6" in (Path(first.checkpoint_path) / "config.yaml").read_text()
     assert Path(first.checkpoint_path).parent.name == "e2e-run"
@@ -98,3 +103,17 @@ def test_conditional_run_from_shards_to_checkpoint_mlflow_and_resume(ray_session
     exported = export_generator(second.checkpoint_path, tmp_path / "g.pt")
     written = write_samples(exported, 6, tmp_path / "threes", classes=[3])
     assert (tmp_path / "threes" / "classes.png").exists() and len(written) >= 8
+
+
+def test_three_workers_uneven_micro_batches_and_path_length_train_to_the_end(ray_session, job_tree):
+    """The run that hung (every worker stuck in the path-length all-reduce): StyleGAN2 + ADA on 3 workers,
+    8 images as 2/3/3 in micro-batches of at most 2, path length on every step. It trains to the end with the
+    ranks in sync."""
+    stylegan2 = ["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "model.z_dim=16",
+                 "model.w_dim=16", "model.mapping_layers=2", "model.mbstd_group_size=1", "augment.kind=ada",
+                 "scaling.num_workers=3", "scaling.cpus_per_worker=0.5", "train.batch_size=8", "train.micro_batch=2",
+                 "loss.pl_every=1", "train.steps=3", "checkpoint.every=3", "run.name=uneven-pl"]  # fmt: skip
+    result = run_training(build_config(job_tree, stylegan2))
+    assert result.final_step == 3 and result.metrics["rank_steps"] == [3, 3, 3]
+    assert len(set(result.metrics["param_digests"])) == 1
+    assert read_state(result.checkpoint_path)["pl_mean"] > 0

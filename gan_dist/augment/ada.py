@@ -20,8 +20,11 @@ Choices made here:
 * Colour works on [-1, 1], so contrast, luma flip, hue and saturation act about mid-grey 0; the luma
   axis is the paper's grey diagonal (1, 1, 1)/sqrt(3). For 1-channel images only brightness and
   contrast apply: hue and saturation do nothing to grey, and the luma flip would invert the image.
-* Randomness. Every draw comes from torch's global RNG on the images' device, or from ``generator``;
-  all choices are masks over the batch (no Python branch on a random value), the same on every rank.
+* Randomness. Every draw comes from torch's global RNG on the images' device (each rank has its own
+  stream: docs/architecture.md), or from ``generator``; all choices are masks over the batch (no Python
+  branch on a random value), so every rank runs the same kernels whatever it draws.
+* Precision. Matrices, resampling and colour run in float32 even under autocast (bf16 would move pixels
+  by up to ~1 on a [-1, 1] image); the result goes back to the input dtype.
 """
 
 from __future__ import annotations
@@ -235,9 +238,12 @@ class AugmentPipe(nn.Module):
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.ndim != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected images [N, {self.channels}, H, W], got {list(images.shape)}")
+        with torch.autocast(device_type=images.device.type, enabled=False):  # float32 whatever the caller's
+            return self._augment(images, generator)
+
+    def _augment(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         n, c, h, w = images.shape
         draws = _Draws(n, images.device, generator)
-        # Matrices and resampling in at least float32; the result goes back to the input dtype.
         dtype = torch.promote_types(images.dtype, torch.float32)
         x = images.to(dtype)
         if self._geometric_on:

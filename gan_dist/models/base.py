@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from gan_dist.schema import Section
+from gan_dist.schema import Section, combination_error
 
 
 class ModelSection(Section):
@@ -53,8 +53,8 @@ class ClassicConfig(ModelSection):
     @model_validator(mode="after")
     def _conditional_batchnorm(self) -> ClassicConfig:
         if self.conditional and self.class_through_batchnorm and not self.g_batchnorm:
-            raise ValueError(
-                f"@model.g_batchnorm@a conditional {self.arch} G takes the class through conditional BatchNorm; "
-                "set model.g_batchnorm=true"
+            raise combination_error(
+                "model.g_batchnorm",
+                f"a conditional {self.arch} G takes the class through conditional BatchNorm; set model.g_batchnorm=true",
             )
         return self

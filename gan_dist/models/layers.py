@@ -294,8 +294,10 @@ class MinibatchStd(nn.Module):
     """Appends ``num_channels`` feature maps holding the std over a group of samples, averaged
     over the channels of a channel slice and the pixels (StyleGAN's minibatch-stddev).
 
-    Groups are strided like StyleGAN2's: with n = N / G groups, sample i belongs to group i % n.
-    G is ``min(group_size, N)``, lowered to the largest divisor of N so any batch size works.
+    Groups are strided like StyleGAN2's: with k = N // G groups, sample i belongs to group i % k. The group
+    stays G whatever N is, so the feature means the same on every rank of an uneven split: when G does not
+    divide N, the N - kG samples left over take the statistic of group i % k (computed over G other samples).
+    Only a batch smaller than G is one group of all N (the config refuses training such forwards).
     """
 
     def __init__(self, group_size: int, num_channels: int = 1) -> None:
@@ -305,10 +307,10 @@ class MinibatchStd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        g = next(d for d in range(min(self.group_size, n), 0, -1) if n % d == 0)  # shapes only
-        f = self.num_channels
-        y = x.reshape(g, -1, f, c // f, h, w)
+        g = min(self.group_size, n)
+        k, f = n // g, self.num_channels
+        y = x[: k * g].reshape(g, k, f, c // f, h, w)
         y = (y - y.mean(dim=0)).square().mean(dim=0)  # variance over each group
-        y = (y + 1e-8).sqrt().mean(dim=(2, 3, 4))  # [n/g, f]
-        y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
+        y = (y + 1e-8).sqrt().mean(dim=(2, 3, 4))  # [k, f]
+        y = y[torch.arange(n, device=x.device) % k].reshape(n, f, 1, 1).expand(n, f, h, w)
         return torch.cat([x, y.to(x.dtype)], dim=1)

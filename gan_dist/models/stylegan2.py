@@ -40,7 +40,7 @@ class Config(ModelSection):
     mapping_layers: int = Field(8, ge=1, description="Fully connected layers of the mapping network")
     channel_base: int = Field(16384, ge=16, description="Channels at resolution r: min(channel_base / r, channel_max)")
     channel_max: int = Field(512, ge=1)
-    mbstd_group_size: int = Field(4, ge=1, description="D's minibatch-stddev group (a divisor of the batch is used)")
+    mbstd_group_size: int = Field(4, ge=1, description="D's minibatch-stddev group: every forward on a rank holds at least this many images")
     style_mixing: float = Field(0.9, ge=0, le=1, description="Probability of style-mixing regularization per sample")
     bf16_resolutions: int = Field(0, ge=0, description="Run this many highest-resolution blocks in bf16")
     conv_clamp: float | None = Field(None, gt=0, description="Clamp conv activations to +-this (e.g. 256 with bf16)")

@@ -43,9 +43,22 @@ def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
+def seed_rank_streams(
+    noise: torch.Generator, seed: int, rank: int, world: int, step: int, saved: list[dict[str, Any]] | None
+) -> None:
+    """Set every random stream of ``rank`` (``noise`` and torch's, CUDA's, Python's and numpy's global ones)
+    for a run at ``step`` of a ``world``-rank group: each rank its own streams, so no two ranks draw the same
+    noise inputs, style mixing or augmentations. A checkpoint's ``saved`` streams (one per rank) come back
+    exactly at the same world size; a fresh run, or another world size (elastic), derives new ones."""
+    if saved is not None and len(saved) == world:
+        restore_rng(saved[rank], noise)
+    else:
+        reseed(noise, seed, rank, step)
+
+
 def reseed(noise: torch.Generator, seed: int, rank: int, step: int) -> None:
-    """New random streams for ``rank`` from ``step`` on (after a change of world size, when a checkpoint's
-    per-rank streams no longer map onto the ranks), the same on every restart from that step."""
+    """New random streams for ``rank`` from ``step`` on, derived from the seed, the rank and the step: the
+    same on every restart from that step, different on every rank."""
     base = int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:7], "little")
     noise.manual_seed(base)
     torch.manual_seed(base + 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,14 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LR
 from gan_dist.augment import AdaController, build_augment
 from gan_dist.config import GanConfig, ScheduleConfig
 from gan_dist.models import build_discriminator, build_generator
+
+
+# torch 2.14 renamed DDP's broadcast_buffers (deprecated there) to forward_sync_buffers; earlier releases lack it.
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass
@@ -63,9 +72,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
     return SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
 
 
+def lazy_ratio(cfg: GanConfig, net: str) -> float:
+    """StyleGAN2-ADA's ``mb_ratio`` for ``net`` ("g" or "d"): k/(k+1) for a style-based model whose penalty
+    is lazy (path length for G, R1 for D, every k > 1 steps) with ``optim.lazy_reg_scaling``, else 1. Adam's
+    lr is multiplied by it and each beta raised to it, so a step runs StyleGAN2-ADA's per-minibatch rates."""
+    every, weight = (cfg.loss.pl_every, cfg.loss.pl_weight) if net == "g" else (cfg.loss.r1_every, cfg.loss.r1_gamma)
+    if not (cfg.optim.lazy_reg_scaling and hasattr(cfg.model, "mapping_layers") and weight and every > 1):
+        return 1.0
+    return every / (every + 1)
+
+
 def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
     """G, D, EMA-G, optimizers, schedules, scalers and augmentation; G and D in DDP above one rank."""
-    torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
+    # The same initial weights everywhere (DDP also broadcasts rank 0's); each rank's own random streams are
+    # set after set-up (train.checkpoint.seed_rank_streams).
+    torch.manual_seed(cfg.train.seed)
     res, ch = cfg.data.resolution, cfg.data.channels
     g = build_generator(cfg.model, res, ch)
     d = build_discriminator(cfg.model, res, ch, classify=cfg.loss.ac_weight > 0)
@@ -75,13 +96,19 @@ def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
     g, d = g.to(device, memory_format=memory_format), d.to(device, memory_format=memory_format)
     g_ema = copy.deepcopy(g).eval().requires_grad_(False)
     # Ray Train sets up a process group even for one worker; DDP there would only add hooks and copies.
+    # No buffer broadcast before every forward: the buffers are constants (FIR filters, fixed noise), kept equal
+    # by the step itself (the mean style: all-reduced; spectral norm's vectors: the same power iterations on
+    # the same weights, as every rank runs the same passes), or per rank by design (BatchNorm statistics).
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         ids = [device.index] if device.type == "cuda" else None
-        g, d = DistributedDataParallel(g, device_ids=ids), DistributedDataParallel(d, device_ids=ids)
+        g, d = (DistributedDataParallel(m, device_ids=ids, **NO_FORWARD_BUFFER_SYNC) for m in (g, d))
     # One fused kernel per optimizer step on GPU instead of a launch per parameter tensor.
-    adam = {"betas": cfg.optim.betas, "eps": cfg.optim.eps, "fused": True if device.type == "cuda" else None}
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.optim.g_lr, **adam)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.optim.d_lr, **adam)
+    fused = True if device.type == "cuda" else None
+    opt_g, opt_d = (
+        torch.optim.Adam(net.parameters(), lr=lr * ratio, betas=tuple(b**ratio for b in cfg.optim.betas),
+                         eps=cfg.optim.eps, fused=fused)
+        for net, lr, ratio in ((g, cfg.optim.g_lr, lazy_ratio(cfg, "g")), (d, cfg.optim.d_lr, lazy_ratio(cfg, "d")))
+    )  # fmt: skip
     fp16 = cfg.train.precision == "fp16"
     aug = cfg.augment
     options = {"policy": aug.policy} if aug.kind == "diffaug" else {}

@@ -7,11 +7,14 @@ trains through its DDP wrapper and calls the other one's bare module:
 - G step: D's parameters are frozen and D is called bare, so D gets no gradient, no all-reduce and no
   update; only G's gradients are averaged across ranks.
 
-A step may run as ``train.accumulate`` micro-batches: gradients of every micro-batch add up (each loss
-divided by their number) and DDP reduces once, on the last (``no_sync`` on the others), so accumulating
-k x B/k equals one step of B. Penalties (WGAN-GP, R1, path length) are computed in float32 outside autocast
-and go through the same ``backward()`` as the adversarial loss. Every returned term is a detached tensor:
-nothing here waits for the device.
+A step may run as micro-batches (``train.accumulate``, ``train.micro_batch``): gradients of every micro-batch
+add up (each loss weighted by its share) and DDP reduces once, on the last (``no_sync`` on the others), so
+accumulating k x B/k equals one step of B. Every rank runs the same number of micro-batches, even when the
+global batch splits unevenly, so every rank issues the same collectives in the same order: per step, DDP's
+gradient buckets for the network trained, plus (G step of a style-based G) one all-reduce that carries both
+the mean style and the path lengths. Penalties (WGAN-GP, R1, path length) are computed in float32 outside
+autocast and go through the same ``backward()`` as the adversarial loss. Every returned term is a detached
+tensor: nothing here waits for the device.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def discriminator_step(m: GanModules, cfg: GanConfig, batch: DiscriminatorBatch,
     device, loss = batch.real.device, cfg.loss
     r1_due = bool(loss.r1_gamma) and index % loss.r1_every == 0
     judge, penalized = _through_augment(m, m.d_fast), _through_augment(m, m.d)
-    parts = batch.split(cfg.micro_batches(len(batch.z)))
+    parts = batch.split(cfg.micro_batches(_world()))
     weights = _loss_weights(parts, len(batch.z), cfg.train.batch_size)
     terms: dict[str, Tensor] = {}
     m.opt_d.zero_grad(set_to_none=True)
@@ -173,10 +176,10 @@ def generator_step(m: GanModules, cfg: GanConfig, batch: GeneratorBatch, step: i
     pl_due = m.pl_mean is not None and step % loss.pl_every == 0
     d_bare = bare(m.d)
     judge = _through_augment(m, d_bare)
-    parts = batch.split(cfg.micro_batches(len(batch.z)))
+    parts = batch.split(cfg.micro_batches(_world()))
     weights = _loss_weights(parts, len(batch.z), cfg.train.batch_size)
     terms: dict[str, Tensor] = {}
-    style_sum: Tensor | None = None
+    sums: dict[str, tuple[Tensor, int]] = {}  # the step's mean style and path lengths, summed over micro-batches
     d_bare.requires_grad_(False)
     try:
         m.opt_g.zero_grad(set_to_none=True)
@@ -192,20 +195,23 @@ def generator_step(m: GanModules, cfg: GanConfig, batch: GeneratorBatch, step: i
                     total = total + loss.ac_weight * ac
                     _add(terms, "losses/g_ac", ac, share)
                 if pl_due:
-                    pl = _path_length_penalty(m, cfg, part.z, part.labels)
+                    pl, lengths = _path_length_penalty(m, cfg, part.z, part.labels)
                     total = total + loss.pl_weight * loss.pl_every * pl
                     _add(terms, "losses/g_pl", pl, share)
+                    _accumulate(sums, "pl", lengths.detach().sum(), len(lengths))
                 m.scaler_g.scale(total * scale).backward()
             _add(terms, "losses/g", adv, share)
             if ws is not None:
-                styles = ws[:, 0].detach().float().sum(0)
-                style_sum = styles if style_sum is None else style_sum + styles
+                _accumulate(sums, "w", ws[:, 0].detach().float().sum(0), len(ws))
     finally:
         d_bare.requires_grad_(True)
     out: Terms = dict(terms)
     out.update(_apply(m.g, m.opt_g, m.sched_g, m.scaler_g, cfg.optim.g_clip_norm, "g"))
-    if style_sum is not None:  # the mean style of this step's fakes over all ranks
-        bare(m.g).mapping.update_w_avg(_mean_across_ranks(style_sum, len(batch.z)), W_AVG_BETA)
+    means = _means_across_ranks(sums)  # one all-reduce for both, the same on every rank
+    if "w" in means:  # the mean style of this step's fakes over all ranks
+        bare(m.g).mapping.update_w_avg(means["w"], W_AVG_BETA)
+    if "pl" in means:  # once per step, from every rank's lengths: the same decay whatever the split
+        m.pl_mean.copy_(m.pl_mean.lerp(means["pl"], cfg.loss.pl_decay))
     update_ema(m.g_ema, bare(m.g), ema_beta(cfg, step))
     if m.pl_mean is not None:
         out["regularizers/pl_mean"] = m.pl_mean.detach().clone()
@@ -220,26 +226,36 @@ def _generate(g: nn.Module, z: Tensor, labels: Tensor | None, cfg: GanConfig) ->
     return (g(z, labels) if labels is not None else g(z)), None
 
 
-def _path_length_penalty(m: GanModules, cfg: GanConfig, z: Tensor, labels: Tensor | None) -> Tensor:
-    """StyleGAN2's lazy path-length regularizer on a smaller batch, in float32; updates ``pl_mean`` (the
-    mean length over all ranks, so every rank keeps the same value)."""
+def _path_length_penalty(m: GanModules, cfg: GanConfig, z: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    """StyleGAN2's lazy path-length regularizer on a smaller batch, in float32: the penalty against the running
+    mean ``pl_mean`` as the step found it, and the lengths (the step moves ``pl_mean`` once, after its last
+    micro-batch, with every rank's lengths)."""
     keep = max(1, z.shape[0] // cfg.loss.pl_batch_shrink)
     with torch.autocast(device_type=z.device.type, enabled=False):
         kept = labels[:keep] if labels is not None else None
         images, ws = m.g(z[:keep], kept, style_mix_prob=cfg.model.style_mixing, return_ws=True)
         lengths = path_lengths(images, ws)
-    batch_mean = _mean_across_ranks(lengths.detach().sum(), len(lengths))
-    m.pl_mean.copy_(m.pl_mean.lerp(batch_mean, cfg.loss.pl_decay))
-    return (lengths - m.pl_mean).square().mean()
+    return (lengths - m.pl_mean).square().mean(), lengths
 
 
-def _mean_across_ranks(total: Tensor, count: int) -> Tensor:
-    """The mean over every rank's items from this rank's sum over its ``count`` items (ranks' counts may differ)."""
-    if _world() == 1:
-        return total / count
-    packed = torch.cat([total.reshape(-1), torch.tensor([float(count)], device=total.device)])
-    dist.all_reduce(packed)
-    return (packed[:-1] / packed[-1]).reshape(total.shape)
+def _accumulate(sums: dict[str, tuple[Tensor, int]], key: str, total: Tensor, count: int) -> None:
+    previous, seen = sums.get(key, (0, 0))
+    sums[key] = (previous + total, seen + count)
+
+
+def _means_across_ranks(sums: dict[str, tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """Each key's mean over every rank's items, from this rank's (sum, count) per key (ranks' counts may
+    differ), in one all-reduce. Every rank has the same keys (they depend on the step and the config only)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    totals = [sums[k][0].reshape(-1).float() for k in keys]
+    counts = torch.tensor([float(sums[k][1]) for k in keys], device=totals[0].device)
+    packed = torch.cat([*totals, counts])
+    if _world() > 1:
+        dist.all_reduce(packed)
+    values = packed[: -len(keys)].split([t.numel() for t in totals])
+    return {k: (v / packed[-len(keys) + i]).reshape(sums[k][0].shape) for i, (k, v) in enumerate(zip(keys, values))}
 
 
 def _add(terms: dict[str, Tensor], key: str, value: Tensor, share: float) -> None:
