@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -267,6 +268,31 @@ def test_loader_yields_labelled_uint8_batches_forever(digits: Path) -> None:
     again = next(build_loader(_cfg(digits, random_flip=True), rank=0, world_size=2))
     other = next(build_loader(_cfg(digits, random_flip=True), rank=1, world_size=2))
     assert torch.equal(first.images, again.images) and not torch.equal(first.images, other.images)
+
+
+@pytest.mark.timeout(60)
+def test_loader_workers_start_while_another_thread_of_the_rank_holds_a_lock(digits: Path, monkeypatch) -> None:
+    """Regression: a loader worker forked while the rank's MLflow thread held tempfile's lock waited for that lock
+    forever (its copy stays held), and the rank for its first batch. Here a thread holds the same lock while the
+    loader starts its worker, in a process that has drawn no temporary name yet (so the worker needs the lock to
+    send a batch); the worker must not be a fork of this process."""
+    cfg = _cfg(digits, workers=1, batch=8, world=1)
+    expected = _take(build_loader(cfg, rank=0, world_size=1), 2)
+    monkeypatch.setattr(tempfile, "_name_sequence", None)
+    held, started = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with tempfile._once_lock:
+            held.set()
+            started.wait(30)
+
+    holder = threading.Thread(target=hold_the_lock, daemon=True)
+    holder.start()
+    held.wait()
+    batches = build_loader(cfg, rank=0, world_size=1)  # its worker starts now
+    started.set()
+    holder.join()
+    assert _same(_take(batches, 2), expected)
 
 
 def test_loader_rejects_bad_configurations(digits: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 from pathlib import Path
 
 import mlflow
@@ -128,20 +129,24 @@ def test_non_finite_losses_stop_when_told_to(ray_session, job_tree):
         run_training(build_config(job_tree, overrides))
 
 
-def test_sigterm_checkpoints_the_step_it_was_on_and_the_restart_continues_from_it(ray_session, job_tree):
-    # Rank 1 gets SIGTERM after step 7 (what a Kubernetes eviction sends); periodic checkpoints are every 5.
-    ray_session.write_text(json.dumps({"run": "evicted", "rank": 1, "step": 7, "fault": "sigterm"}))
-    overrides = TINY_MODEL + ["run.name=evicted", "train.steps=12", "train.log_every=2", "checkpoint.every=5",
-                              "checkpoint.num_to_keep=5", "train.max_failures=1"]  # fmt: skip
+@pytest.mark.parametrize("at", [7, 10])  # between two periodic checkpoints (every 5), and on one
+def test_sigterm_checkpoints_the_step_it_was_on_and_the_restart_continues_from_it(ray_session, job_tree, at):
+    # Rank 1 gets SIGTERM after step `at` (what a Kubernetes eviction sends). On a checkpoint step the periodic
+    # checkpoint would be uploaded in the background: the rank must not fail before it is uploaded and reported.
+    ray_session.write_text(json.dumps({"run": f"evicted-{at}", "rank": 1, "step": at, "fault": "sigterm"}))
+    overrides = TINY_MODEL + [f"run.name=evicted-{at}", "train.steps=12", "train.log_every=2", "checkpoint.every=5",
+                              "checkpoint.num_to_keep=5", "train.max_failures=1", "train.preempt_grace_s=120"]  # fmt: skip
     cfg = build_config(job_tree, overrides)
+    started = time.monotonic()
     outcome = run_training(cfg)
+    assert time.monotonic() - started < 120  # no worker, evicted or finished, waits out the grace to exit
     assert not ray_session.exists(), "the drill never fired"
     assert outcome.final_step == 12 and outcome.metrics["rank_steps"] == [12, 12]
     run_dir = Path(outcome.checkpoint_path).parent
-    assert sorted(p.name for p in run_dir.glob("step-*")) == [
-        "step-000000005", "step-000000007", "step-000000010", "step-000000012"]  # 7: written on SIGTERM
-    assert read_state(run_dir / "step-000000007")["data_position"]["batches"] == 7
-    # The restart continued from step 7, not from the periodic checkpoint at 5: no step was trained twice.
+    assert sorted(p.name for p in run_dir.glob("step-*")) == sorted(
+        {"step-000000005", f"step-{at:09d}", "step-000000010", "step-000000012"})  # at 7: written on SIGTERM
+    assert read_state(run_dir / f"step-{at:09d}")["data_position"]["batches"] == at
+    # The restart continued from step `at`, not from the periodic checkpoint before it: no step trained twice.
     client = mlflow.MlflowClient(cfg.tracking.uri)
     logged = [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "losses/d")]
     assert logged == [2, 4, 6, 8, 10, 12]

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
+import multiprocessing.forkserver
 import random
 from collections import deque
 from collections.abc import Iterator
@@ -267,10 +269,29 @@ def build_loader(cfg: GanConfig, rank: int, world_size: int, position: DataPosit
         batch_size=None,  # batched inside the workers
         num_workers=workers,
         persistent_workers=workers > 0,
+        multiprocessing_context=_worker_context() if workers else None,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(cfg.train.seed),  # not the global RNG: a resume restores that
     )
     return BatchIterator(loader, plan, start)
+
+
+def start_worker_server(cfg: GanConfig) -> None:
+    """Start the loader workers' forkserver now (it imports torch: seconds), so that it loads while the rank
+    builds its models and reads its checkpoint instead of when the loader first asks for a worker."""
+    if cfg.data.loader_workers:
+        _worker_context()
+        multiprocessing.forkserver.ensure_running()
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Loader workers start from a forkserver, not from a fork of the rank: a fork copies every lock as it
+    stands, and one that another thread of the rank held (Ray's, MLflow's, pyarrow's) stays held forever in the
+    worker, which then never delivers a batch. The server (one per process) imports this module and Ray, which
+    each worker imports again as the rank's main module (Ray's worker script): a worker starts in milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "ray"])
+    return context
 
 
 def to_float(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -20,13 +20,13 @@ import torch
 from gan_dist import storage
 from gan_dist.config import GanConfig
 from gan_dist.data.images import image_grid, to_uint8
-from gan_dist.data.loader import build_loader, to_float
+from gan_dist.data.loader import build_loader, start_worker_server, to_float
 from gan_dist.data.plan import DataPosition, rank_batch
 from gan_dist.metrics.runner import build_extractor, real_statistics
 from gan_dist.models.io import read_state
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.tracking.tracker import MlflowTracker, NullTracker, Tracker
-from gan_dist.train.checkpoint import reseed, restore_modules, restore_rng, restore_weights, training_state
+from gan_dist.train.checkpoint import restore_modules, restore_weights, seed_rank_streams, training_state
 from gan_dist.train.modules import build_modules
 from gan_dist.train.phases import (
     Evaluation,
@@ -41,11 +41,10 @@ from gan_dist.train.phases import (
     maybe_evaluate,
     maybe_log,
     maybe_sample,
-    progress_logger,
     record_stop,
     window_metrics,
 )
-from gan_dist.train.progress import ProgressChannel  # gan_dist console: rank 0 -> driver
+from gan_dist.train.progress import ProgressChannel, progress_logger  # gan_dist console: rank 0 -> driver
 from gan_dist.train.stop import StopWatch
 from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
@@ -70,9 +69,9 @@ def train_worker(config: dict[str, Any]) -> None:
             maybe_log(w, metrics)
             maybe_sample(w)
             maybe_evaluate(w)
-            maybe_checkpoint(w)
             if reason := w.stop.poll(w.step):
                 checkpoint_on_request(w, reason)
+            maybe_checkpoint(w)
         if w.rank == 0:
             log_final_generator(w)
         status = "FINISHED"
@@ -80,7 +79,10 @@ def train_worker(config: dict[str, Any]) -> None:
         status = stop.status
         record_stop(w, stop)
     finally:
-        w.tracker.finish(status)
+        try:
+            w.tracker.finish(status)
+        finally:
+            w.stop.close()  # SIGTERM is Ray's again: with training over, it must end the process at once
 
 
 def train_step(w: Worker) -> None:
@@ -119,10 +121,10 @@ def start_worker(cfg: GanConfig) -> Worker:
     """Build this rank's models, restore the run's latest state, open tracking, evaluation and data."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    start_worker_server(cfg)
     device = ray.train.torch.get_device()
     m = build_modules(cfg, device)
-    noise = torch.Generator(device=device)
-    noise.manual_seed(cfg.train.seed * 100_003 + rank)  # different noise on each rank, reproducible
+    noise = torch.Generator(device=device)  # this rank's latents and mixing weights; seeded last, below
     step = skipped_before = 0
     run_id, position = None, DataPosition()
     resumed, whole = _resume_state(cfg, device)
@@ -137,9 +139,6 @@ def start_worker(cfg: GanConfig) -> Worker:
                                                                          "layouts": []}))  # fmt: skip
         if resumed["config"]["run"]["name"] == cfg.run.name:  # continuing into a new name opens a new run
             run_id = resumed["mlflow_run_id"]
-    # The loader forks its worker processes now, before this rank starts threads of its own (tracking,
-    # progress): a fork copies every lock as it is, and one held by another thread (seen: tempfile's, taken by
-    # the MLflow thread) stays held forever in the child, which then never delivers a batch.
     data = build_loader(cfg, rank, world, position)
     tracker = _open_tracker(cfg, rank, world, run_id, step)
     progress = ProgressChannel.connect(cfg, rank)  # gan_dist console: the driver's live view and Ctrl-C
@@ -147,10 +146,7 @@ def start_worker(cfg: GanConfig) -> Worker:
     fixed_z = torch.randn(cfg.train.sample_grid, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     evaluation = _start_evaluation(cfg, rank, world, device)
     # Last, because setting up tracking, evaluation and data may draw from the global RNG.
-    if resumed is not None and len(resumed["rng"]) == world:  # same world: each rank's streams, exactly
-        restore_rng(resumed["rng"][rank], noise)
-    elif resumed is not None:  # another world size (elastic): fresh streams from the seed, the rank and the step
-        reseed(noise, cfg.train.seed, rank, step)
+    seed_rank_streams(noise, cfg.train.seed, rank, world, step, resumed["rng"] if resumed is not None else None)
     return Worker(
         cfg=cfg, rank=rank, world=world, device=device, m=m, noise=noise, tracker=tracker, data=data,
         stop=StopWatch(rank, world, cfg.train.preempt_grace_s, user_stop=progress.stop_requested), progress=progress,

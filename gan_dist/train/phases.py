@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from gan_dist.tracking.redact import redact
 from gan_dist.tracking.tracker import Tracker
 from gan_dist.train.checkpoint import capture_rng, restore_modules, save_checkpoint, training_state
 from gan_dist.train.modules import GanModules, parameter_digest
-from gan_dist.train.progress import ProgressChannel  # gan_dist console: rank 0 -> driver
+from gan_dist.train.progress import ProgressChannel, progress_logger  # gan_dist console: rank 0 -> driver
 from gan_dist.train.step import Terms, standing_statistics
 from gan_dist.train.stop import PREEMPTED, STOPPED, Preempted, StopWatch
 
@@ -63,18 +62,6 @@ def run_root(cfg: GanConfig) -> str:
 def stop_marker_url(cfg: GanConfig) -> str:
     """Where rank 0 records why a run stopped early (Ray's result only carries checkpointed metrics)."""
     return storage.join(run_root(cfg), STOP_MARKER)
-
-
-def progress_logger() -> logging.Logger:
-    """Progress lines on stderr: Ray Train V2 echoes a worker's stdout twice, its stderr once."""
-    log = logging.getLogger("gan_dist.progress")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[gan_dist] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-    return log
 
 
 def all_gather(obj: Any, world: int) -> list[Any]:
@@ -294,11 +281,15 @@ def write_audit(w: Worker) -> None:
 
 
 def checkpoint_on_request(w: Worker, reason: int) -> None:
-    """Checkpoint the step every rank agreed on (``StopWatch.poll``); then SIGTERM raises (Ray Train restarts the
-    group from that checkpoint on the workers that remain), a user's stop ends the run as KILLED, and a
-    preemption notice lets training go on until the node goes."""
+    """Checkpoint the step every rank agreed on (``StopWatch.poll``; called before the step's periodic checkpoint,
+    so that this one is uploaded before it returns); then SIGTERM raises (Ray Train restarts the group from that
+    checkpoint on the workers that remain), a user's stop ends the run as KILLED, and a preemption notice lets
+    training go on until the node goes."""
     maybe_checkpoint(w, now=True)
     if reason == PREEMPTED:
+        # Ray Train ends the group at the first failure it sees, and registers a checkpoint only with every
+        # rank's report of it: no rank fails before all have reported (rank 0 reports once it has uploaded).
+        w.stop.barrier()
         raise Preempted(f"rank {w.rank}: SIGTERM; checkpointed step {w.step}")
     if reason == STOPPED:
         raise StopTraining(f"stopped on request at step {w.step}", status="KILLED")

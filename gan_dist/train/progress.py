@@ -24,12 +24,26 @@ How the loop uses it (``gan_dist.train.loop`` / ``phases``)::
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 HUB_NAMESPACE = "gan_dist"
 STOP_POLL_S = 0.5  # how often rank 0 asks the hub whether the user asked to stop
+
+
+def progress_logger() -> logging.Logger:
+    """Progress lines on stderr: Ray Train V2 echoes a worker's stdout twice, its stderr once."""
+    log = logging.getLogger("gan_dist.progress")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[gan_dist] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 class _Config(Protocol):  # the parts of GanConfig used here (this module must not import torch)
@@ -141,8 +155,6 @@ class ProgressChannel:
         elif kind in ("log", "eval"):
             line = format_step(step, self._total, event["metrics"], event.get("eta_s")) if kind == "log" else \
                 format_scores(step, event["metrics"])  # fmt: skip
-            from gan_dist.train.phases import progress_logger  # loaded already: phases imports this module
-
             progress_logger().info(line)
 
     def _eta(self, step: int, now: float) -> float | None:

@@ -13,7 +13,8 @@ SIGTERM: Ray's workers exit on SIGTERM, and Python only lets the main thread (wh
 handlers. ``faulthandler.register`` installs a C-level handler from any thread; with ``chain=False`` it
 replaces Ray's, and it "reports" by writing a traceback to a file descriptor: a non-blocking pipe that a
 watchdog thread reads. From the first SIGTERM the rank has ``train.preempt_grace_s`` to checkpoint before the
-watchdog ends the process regardless (a collective stuck on a dead peer must not outlive the node).
+watchdog ends the process regardless (a collective stuck on a dead peer must not outlive the node). When the
+training function ends, ``close`` gives SIGTERM back to Ray's handler (exit at once) and stops the watchdog.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from typing import IO
 
 import ray.train
 import torch
@@ -48,17 +50,38 @@ class StopWatch:
         self._local = 0
         self._noticed = False  # Ray's notice stays up until the node goes: act on it once
         self._group = dist.new_group(backend="gloo") if world > 1 else None
-        self._pipe = self._catch_sigterm()
-        threading.Thread(target=self._watchdog, name="gan_dist-sigterm", daemon=True).start()
+        self._pipe, self._pipe_writer = self._catch_sigterm()
+        self._closed = threading.Event()
+        self._watchdog_thread = threading.Thread(target=self._watchdog, name="gan_dist-sigterm", daemon=True)
+        self._watchdog_thread.start()
 
     @staticmethod
-    def _catch_sigterm() -> int:
-        """The read end of the pipe SIGTERM writes to (both ends non-blocking: a handler must never block)."""
+    def _catch_sigterm() -> tuple[int, IO[str]]:
+        """The read end of the pipe SIGTERM writes to, and its write end (both non-blocking: a handler must
+        never block)."""
         read_end, write_end = os.pipe()
         for fd in (read_end, write_end):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        faulthandler.register(signal.SIGTERM, file=os.fdopen(write_end, "w"), all_threads=False, chain=False)
-        return read_end
+        writer = os.fdopen(write_end, "w")
+        faulthandler.register(signal.SIGTERM, file=writer, all_threads=False, chain=False)
+        return read_end, writer
+
+    def close(self) -> None:
+        """SIGTERM back to the handler it had before (Ray's: exit), the watchdog stopped, the pipe closed: a
+        rank whose training function has ended has nothing to checkpoint, and must not outlive a SIGTERM."""
+        if self._closed.is_set():
+            return
+        faulthandler.unregister(signal.SIGTERM)
+        self._closed.set()
+        self._watchdog_thread.join()  # before the pipe closes: it reads from it
+        os.close(self._pipe)
+        self._pipe_writer.close()
+
+    def __enter__(self) -> StopWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _sigterm_received(self) -> bool:
         try:
@@ -76,10 +99,14 @@ class StopWatch:
             time.sleep(0.01)
 
     def _watchdog(self) -> None:
-        while True:
-            time.sleep(0.2)
+        while not self._closed.wait(0.2):
             if self._sigterm_received() and time.monotonic() - self._sigterm_at > self.grace_s:
                 os._exit(EXIT_AFTER_GRACE)  # the grace period is over: go, checkpoint or not
+
+    def barrier(self) -> None:
+        """Until every rank has got here (on the stop flags' CPU group)."""
+        if self._group is not None:
+            dist.barrier(group=self._group)
 
     def _local_reason(self, step: int) -> int:
         # Ray's notice is a collective (the answer is rank 0's): every rank asks at the same steps, whatever it
