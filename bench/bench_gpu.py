@@ -64,7 +64,7 @@ def job_config(model: str, variant: str, tiny: bool) -> Any:
     if tiny:  # the smallest models the configs allow: checks the script, measures nothing
         overrides += ["data.resolution=32", "train.batch_size=4"]
         overrides += (["model.channel_base=256", "model.channel_max=16", "model.mapping_layers=2", "model.w_dim=16",
-                       "model.z_dim=16"] if model.startswith("stylegan2") else ["model.g_width=8", "model.d_width=8"])
+                       "model.z_dim=16", "model.mbstd_group_size=4"] if model.startswith("stylegan2") else ["model.g_width=8", "model.d_width=8"])
     return load_config(REPO / "jobs" / job, overrides)
 
 

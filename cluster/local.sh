@@ -170,13 +170,16 @@ case $cmd in
   stop)
     [ -f "$state/pids" ] || { echo "nothing recorded in $state"; exit 0; }
     # Workers first, head last; each node's process group gets TERM, then KILL if it lingers.
+    # A record it refuses to signal (not that process any more, or written without a start time) stays in the file.
+    : > "$state/pids.kept"
     tac "$state/pids" | while read -r name pid start; do
-      signal_node TERM "$name" "$pid" "$start" || continue
+      if ! signal_node TERM "$name" "$pid" "$start"; then echo "$name $pid $start" >> "$state/pids.kept"; continue; fi
       for _ in $(seq 1 20); do [ "$(started "$pid")" = "$start" ] || break; sleep 0.5; done
       signal_node KILL "$name" "$pid" "$start" 2>/dev/null || true
       echo "stopped $name (pid $pid)"
     done
-    rm -f "$state/pids"
+    if [ -s "$state/pids.kept" ]; then tac "$state/pids.kept" > "$state/pids"; else rm -f "$state/pids"; fi
+    rm -f "$state/pids.kept"
     ;;
   dir)
     echo "$state"

@@ -109,9 +109,11 @@ class OptimConfig(Section):
     g_clip_norm: float | None = Field(None, gt=0, description="Clip G's gradient norm to this (unset: no clipping)")
     d_clip_norm: float | None = Field(None, gt=0, description="Clip D's gradient norm to this (unset: no clipping)")
     lazy_reg_scaling: bool = Field(
-        True,
+        False,
         description="stylegan2 with lazy R1 / path length every k > 1 steps: Adam lr x k/(k+1) and betas^(k/(k+1)) "
-        "for the regularized net (StyleGAN2-ADA's per-minibatch rates)",
+        "for the regularized net, StyleGAN2-ADA's hyper-parameters verbatim. Off: gan_dist adds a due penalty to "
+        "that step's loss (k optimizer steps per k minibatches, where StyleGAN2-ADA's separate penalty steps make "
+        "k+1, which its scaling offsets), so the configured rates already are the per-minibatch rates",
     )
 
 

@@ -114,6 +114,7 @@ def test_placeholders_in_comments_are_not_credentials(tmp_path):
         "# kubectl create secret generic gan-dist-s3 --from-file=secret_access_key=SECRET_FILE",
         "# export RAY_AUTH_TOKEN=$(kubectl get secret gan-dist -o jsonpath='{.data.auth_token}' | base64 -d)",
         "# password: <your MLflow password>, in MLFLOW_TRACKING_PASSWORD on the nodes",
+        "# token_file: ~/.gan_dist/token1   access_key_file: /etc/gan/aws-2024.key   num_tokens: 12345678",
     ]) + "\n")  # fmt: skip
     check_no_secrets(load_config(config), config)
 
@@ -282,6 +283,7 @@ def test_local_cluster_stop_kills_only_the_processes_it_started(tmp_path, bystan
     proc = _local_sh("stop", "--state", str(state))
     assert f"pid {bystander.pid} is not head as started here" in proc.stderr, proc.stdout + proc.stderr
     assert bystander.poll() is None
+    assert str(bystander.pid) in (state / "pids").read_text()  # kept: the node it stands for may still run
 
 
 @pytest.mark.ray

@@ -82,19 +82,38 @@ def test_ema_half_life_in_images_with_rampup():
 
 
 def test_lazy_regularization_scales_adam_like_stylegan2_ada():
-    """R1 every 16 D steps and path length every 4 G steps: D's lr x 16/17 and betas ^ 16/17, G's x 4/5
-    (StyleGAN2-ADA's mb_ratio); off with optim.lazy_reg_scaling=false, and for a non-style-based arch."""
+    """With optim.lazy_reg_scaling, R1 every 16 D steps and path length every 4 G steps: D's lr x 16/17 and
+    betas ^ 16/17, G's x 4/5 (StyleGAN2-ADA's mb_ratio); off by default, and for a non-style-based arch."""
     options = ["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "model.z_dim=16",
                "model.w_dim=16", "model.mapping_layers=2", "loss.r1_gamma=1", "loss.r1_every=16", "loss.pl_every=4",
                "optim.g_lr=0.0025", "optim.d_lr=0.002", "optim.betas=[0.0, 0.99]"]  # fmt: skip
-    m = build_modules(build_config({"data": {"url": "/unused"}}, options), torch.device("cpu"))
+    m = build_modules(build_config({"data": {"url": "/unused"}}, options + ["optim.lazy_reg_scaling=true"]), torch.device("cpu"))
     d, g = m.opt_d.param_groups[0], m.opt_g.param_groups[0]
     assert d["lr"] == pytest.approx(0.002 * 16 / 17) and d["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
     assert g["lr"] == pytest.approx(0.0025 * 4 / 5) and g["betas"] == pytest.approx((0.0, 0.99 ** (4 / 5)))
-    plain = build_modules(build_config({"data": {"url": "/unused"}}, options + ["optim.lazy_reg_scaling=false"]), torch.device("cpu"))
+    plain = build_modules(build_config({"data": {"url": "/unused"}}, options), torch.device("cpu"))
     assert plain.opt_d.param_groups[0]["lr"] == 0.002 and plain.opt_g.param_groups[0]["betas"] == (0.0, 0.99)
-    dcgan = build_modules(build_config({"data": {"url": "/unused"}}, TINY + NO_BATCHNORM + ["loss.r1_gamma=1", "loss.r1_every=16"]), torch.device("cpu"))
+    dcgan = build_modules(build_config({"data": {"url": "/unused"}}, TINY + NO_BATCHNORM + ["loss.r1_gamma=1", "loss.r1_every=16",
+                                                                     "optim.lazy_reg_scaling=true"]), torch.device("cpu"))  # fmt: skip
     assert dcgan.opt_d.param_groups[0]["lr"] == 2e-4
+
+
+def test_resumed_streams_are_each_ranks_own_even_from_a_checkpoint_that_shared_one():
+    """A checkpoint of per-rank streams comes back exactly; one written before ranks had streams of their own
+    (every rank's global stream the same) gets new, different streams instead of the shared one again."""
+    noise = torch.Generator()
+    torch.manual_seed(5)
+    first = capture_rng(noise)
+    torch.manual_seed(6)
+    own = [first, capture_rng(noise)]
+    seed_rank_streams(noise, 0, 1, 2, 10, own)
+    assert torch.equal(torch.get_rng_state(), own[1]["torch"])
+    shared = [first, first]  # as checkpoints written before ranks had streams of their own hold them
+    states = []
+    for rank in range(2):
+        seed_rank_streams(noise, 0, rank, 2, 10, shared)
+        states.append(torch.get_rng_state())
+    assert not torch.equal(states[0], states[1]) and not torch.equal(states[0], first["torch"])
 
 
 def _free_port():

@@ -32,10 +32,12 @@ _CREDENTIAL = re.compile(
     r"|\beyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]+"  # JWT (a bearer token)
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
 )
-# `aws_secret_access_key = VALUE`, `password: VALUE` in text. The value has a digit and no leading `$`, `<`, `{` or
-# `(`: placeholders (SECRET_FILE, $(kubectl ...), <password>) in comments are not secrets.
+# `aws_secret_access_key = VALUE`, `password: VALUE` in text. The value has a digit and a letter, and no leading `$`,
+# `<`, `{`, `(`, `/`, `~` or `.`; the key names no file, path or directory: placeholders (SECRET_FILE,
+# $(kubectl ...), <password>), paths (token_file: ~/.ray/token1) and counts (num_tokens: 12345678) are not secrets.
 _SECRET_ASSIGNMENT = re.compile(
-    rf"(\b[\w.-]*(?:{_SECRET_NAME})[\w.-]*[\"']?\s*[:=]\s*[\"']?)(?![$<{{(])(?=[^\s\"',;]*\d)[^\s\"',;]{{8,}}",
+    rf"(\b[\w.-]*(?:{_SECRET_NAME})[\w.-]*(?<!file)(?<!path)(?<!dir)[\"']?\s*[:=]\s*[\"']?)(?![$<{{(/~.])"
+    rf"(?=[^\s\"',;]*\d)(?=[^\s\"',;]*[a-z])[^\s\"',;]{{8,}}",
     re.IGNORECASE,
 )
 

@@ -50,7 +50,9 @@ def seed_rank_streams(
     for a run at ``step`` of a ``world``-rank group: each rank its own streams, so no two ranks draw the same
     noise inputs, style mixing or augmentations. A checkpoint's ``saved`` streams (one per rank) come back
     exactly at the same world size; a fresh run, or another world size (elastic), derives new ones."""
-    if saved is not None and len(saved) == world:
+    # Checkpoints written before ranks had streams of their own hold one global stream for all: derive new ones.
+    shared = len(saved or []) > 1 and all(torch.equal(s["torch"], saved[0]["torch"]) for s in saved)
+    if saved is not None and len(saved) == world and not shared:
         restore_rng(saved[rank], noise)
     else:
         reseed(noise, seed, rank, step)

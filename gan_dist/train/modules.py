@@ -74,8 +74,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
 
 def lazy_ratio(cfg: GanConfig, net: str) -> float:
     """StyleGAN2-ADA's ``mb_ratio`` for ``net`` ("g" or "d"): k/(k+1) for a style-based model whose penalty
-    is lazy (path length for G, R1 for D, every k > 1 steps) with ``optim.lazy_reg_scaling``, else 1. Adam's
-    lr is multiplied by it and each beta raised to it, so a step runs StyleGAN2-ADA's per-minibatch rates."""
+    is lazy (path length for G, R1 for D, every k > 1 steps) with ``optim.lazy_reg_scaling``, else 1; Adam's
+    lr is multiplied by it and each beta raised to it. StyleGAN2-ADA needs it because its penalties take
+    optimizer steps of their own; here a due penalty joins the step's loss, so it is off by default."""
     every, weight = (cfg.loss.pl_every, cfg.loss.pl_weight) if net == "g" else (cfg.loss.r1_every, cfg.loss.r1_gamma)
     if not (cfg.optim.lazy_reg_scaling and hasattr(cfg.model, "mapping_layers") and weight and every > 1):
         return 1.0
