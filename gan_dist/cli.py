@@ -335,3 +335,59 @@ def sample(
     except (CheckpointError, ValueError, OSError) as exc:
         _fail("error", str(exc))
     out.print(f"wrote {len(paths)} files to {out_dir}")
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Job config YAML (see jobs/)"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)"),
+    gpu_memory: Optional[str] = typer.Option(None, help="One GPU size, e.g. 80GB (default: 24, 40, 80 and 141 GB)"),
+) -> None:
+    """Estimate per-GPU memory (weights, optimizer, EMA, measured activations), the largest batch that fits,
+    FLOPs per image and the bytes all-reduced per step; runs on CPU, in seconds to a minute."""
+    from gan_dist import plan as planner
+
+    try:
+        cfg = load_config(config, list(overrides or []))
+        sizes = (planner.parse_gpu_memory(gpu_memory) / planner.GIB,) if gpu_memory else planner.GPU_SIZES_GB
+    except (ConfigError, ValueError) as exc:
+        _fail("config error", escape(str(exc)))
+    out.print(f"planning {escape(str(config))}: measuring one D step and one G step on CPU", highlight=False)
+    out.print(planner.render(planner.make_plan(cfg), sizes))
+
+
+@app.command()
+def doctor(
+    config: Optional[Path] = typer.Argument(None, help="Job config YAML: also check the job against its data"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (HOST:6379); default: a local Ray instance"),
+) -> None:
+    """Check a cluster from every node before a job is spent on it: versions, driver, GPUs, a collective, data,
+    storage and tracking reached with each node's credentials, disk, token; exit code 1 on any failure."""
+    from gan_dist.console import quiet_ray
+
+    quiet_ray(False, local=address is None and not os.environ.get("RAY_ADDRESS"))  # before Ray is imported
+    from gan_dist import doctor as checker
+    from gan_dist.config import build_config
+
+    try:
+        # No CONFIG: the defaults and --set, for the cluster-wide checks; no data is checked, so none is named.
+        items = overrides or []
+        cfg = load_config(config, items) if config else build_config({"data": {"url": "none"}}, items)
+    except ConfigError as exc:
+        _fail("config error", escape(str(exc)))
+    out.print(f"gan-dist doctor: {escape(address or os.environ.get('RAY_ADDRESS') or 'a local Ray instance')}, "
+              f"{cfg.scaling.max_workers} workers of the job", highlight=False)  # fmt: skip
+    try:
+        checks = checker.diagnose(cfg, address, with_job=config is not None)
+    except checker.ClusterUnreachable as exc:
+        _fail("error", escape(str(exc)))
+    except ConfigError as exc:  # a credential in the config: it is not sent to the nodes
+        _fail("config error", escape(str(exc)))
+    table, fixes = checker.render(checks)
+    out.print(table)
+    for line in fixes:
+        out.print(escape(line), highlight=False)
+    failed = sum(c.status == checker.FAIL for c in checks)
+    out.print(f"[red]✗ {failed} check(s) failed[/]" if failed else "[green]✓ every check passed[/]")
+    raise typer.Exit(1 if failed else 0)

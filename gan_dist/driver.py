@@ -44,6 +44,11 @@ def train_worker(config: dict[str, Any]) -> None:
     run(config)
 
 
+# The driver checks from where it runs; a cluster's nodes reach storage and tracking with their own network
+# and credentials.
+DOCTOR_HINT = "; on a cluster, `gan-dist doctor CONFIG --address HOST:6379` checks it from every node"
+
+
 class RunError(Exception):
     """A problem the user can fix: what failed, one message, and a hint (``gan-dist train`` prints them)."""
 
@@ -107,7 +112,8 @@ def check_reachable(cfg: GanConfig, address: str | None) -> None:
         storage.exists(root, cfg.storage)
     except (StorageError, OSError) as exc:
         raise RunError("checkpoint storage unreachable", str(exc).splitlines()[0],
-                       "check checkpoint.storage, storage.endpoint_url and the AWS_* credentials in this environment")
+                       "check checkpoint.storage, storage.endpoint_url and the AWS_* credentials in this environment"
+                       + DOCTOR_HINT)
     check_tracking_uri(cfg.tracking.uri)
     if address is not None and "://" not in address and address != "auto":
         _check_cluster(address)
@@ -131,7 +137,7 @@ def check_tracking_uri(uri: str) -> None:
             urllib3.PoolManager().request("GET", uri.rstrip("/") + "/health", retries=False, timeout=5)
         except urllib3.exceptions.HTTPError as exc:
             raise RunError("MLflow tracking server unreachable", f"{_redact(uri)}: {_reason(exc)}",
-                           "start it (mlflow server --host 0.0.0.0 --port 5000 ...) or " + hint) from None
+                           "start it (mlflow server --host 0.0.0.0 --port 5000 ...) or " + hint + DOCTOR_HINT) from None
 
 
 def _check_cluster(address: str) -> None:

@@ -317,3 +317,64 @@ def test_elastic_job_shrinks_on_node_loss_and_grows_back(two_node_cluster, s3_se
         assert len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained on twice"
         steps = min(steps_per_epoch, 600 - epoch * steps_per_epoch)
         assert len(keys) == steps * batch, f"epoch {epoch}: {len(keys)} samples for {steps} steps of {batch}"
+
+
+def _doctor(cluster: LocalCluster, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`gan-dist doctor` against the cluster's GCS, with its token where Ray looks for it unless ``env`` says else."""
+    address = (cluster.state / "address").read_text().strip()
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_file), **env}  # as docs/security.md says
+    return _gan_dist("doctor", *args, "--address", address, timeout=300, **env)
+
+
+def _fix_lines(proc: subprocess.CompletedProcess, check: str) -> list[str]:
+    """The failure lines of ``check``: '✗ NODE · CHECK: detail — fix: ...', NODE being 'IP NODE_ID[:8]'."""
+    node = r"\S+ [0-9a-f]{8}( \(head\))?"
+    return [line for line in proc.stdout.splitlines() if re.match(rf"✗ {node} · {check}:", line)]
+
+
+def test_doctor_passes_on_the_cluster(two_node_cluster, s3_server, s3_dataset, mlflow_server):
+    """Every row passes from every node (head and both workers), with the job's data, S3 checkpoint storage and
+    MLflow server reached with each node's own credentials, and a real gloo all_reduce across the job's 2 workers."""
+    proc = _doctor(two_node_cluster, QUICKSTART, *_job_args(s3_dataset, s3_server, mlflow_server, "doctor"))
+    assert proc.returncode == 0 and "✓ every check passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "✗" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    for check in ("checkpoint storage", "tracking server", "data ", "auth token", "gan_dist", "disk: object spilling"):
+        assert proc.stdout.count(f"│ {check}") == 3, check  # one row per node: the head and two workers
+    assert re.search(r"32 MB all_reduce across 2 workers: \d+\.\d+ GB/s", proc.stdout)
+    assert "job vs data" in proc.stdout and "1797 images" in proc.stdout
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+
+
+def test_doctor_names_each_node_that_cannot_reach_store_or_tracking(two_node_cluster, s3_server, s3_dataset):
+    """A store and a tracking server nobody answers at: every node fails both rows, named, with a fix; exit 1."""
+    bad = ["storage.endpoint_url=http://127.0.0.1:9", f"checkpoint.storage=s3://{s3_dataset}/runs",
+           "tracking.uri=http://127.0.0.1:9", "storage.retries=0"]  # fmt: skip
+    proc = _doctor(two_node_cluster, *(a for item in bad for a in ("--set", item)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-6000:] + proc.stderr
+    for check, fix in [("checkpoint storage", "storage.endpoint_url"), ("tracking server", "tracking.uri")]:
+        lines = _fix_lines(proc, check)
+        assert len(lines) == 3 and all("fix: " in line and fix in line for line in lines), (check, proc.stdout)
+    assert "collective (gloo)" in proc.stdout and "✓ every check passed" not in proc.stdout
+
+
+def test_doctor_refuses_a_wrong_token_in_one_line(two_node_cluster):
+    proc = _doctor(two_node_cluster, RAY_AUTH_TOKEN="not-the-token")
+    assert proc.returncode == 2 and "rejected the token" in proc.stderr and "RAY_AUTH_TOKEN_PATH" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_doctor_fails_the_node_whose_versions_differ(two_node_cluster, tmp_path, monkeypatch):
+    """A node whose Python finds another gan_dist installed (a stale dist-info first on its PYTHONPATH: what pip
+    would list there) fails the gan_dist row, named, with the fix; the other nodes pass it. Last in this module: the
+    extra node stays until the cluster stops."""
+    stale = tmp_path / "gan_dist-0.0.9.dist-info"
+    stale.mkdir()
+    (stale / "METADATA").write_text("Metadata-Version: 2.1\nName: gan_dist\nVersion: 0.0.9\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the environment local.sh starts the node in
+    _cluster(two_node_cluster.state, "add-worker", "--cpus-per-worker", "1")
+    monkeypatch.delenv("PYTHONPATH")
+    proc = _doctor(two_node_cluster)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-6000:] + proc.stderr
+    (line,) = _fix_lines(proc, "gan_dist")
+    assert "gan_dist: 0.0.9 — fix: install the same version on every node" in line and "have 0.1.0" in line
+    assert "✗ 1 check(s) failed" in proc.stdout, proc.stdout  # that row only
