@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from gan_dist.config import GanConfig
+from gan_dist.data.plan import rank_batch
 from gan_dist.train.modules import GanModules, build_modules
 from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
 
@@ -190,7 +191,7 @@ def forward_flops(cfg: GanConfig, m: GanModules, mode: FakeTensorMode) -> dict[s
 def make_plan(cfg: GanConfig) -> Plan:
     """The plan for ``cfg`` on ``scaling``'s largest worker group."""
     workers = cfg.scaling.max_workers
-    share = -(-cfg.train.batch_size // workers)
+    share = rank_batch(cfg.train.batch_size, workers, workers - 1)  # the last rank's share is the largest
     forward = -(-share // cfg.micro_batches(workers))
     measured = measured_config(cfg)
     m = build_modules(measured, torch.device("cpu"))
