@@ -29,6 +29,8 @@ ARCHS = {  # small versions of each arch, fast enough to train for a minute and 
     "resnet": ["model.arch=resnet", "model.d_spectral_norm=true"],
     "stylegan2": ["model.arch=stylegan2", "model.channel_base=2048", "model.channel_max=128", "model.w_dim=128",
                   "model.mapping_layers=2", "model.bf16_resolutions=2", "model.conv_clamp=256", "augment.kind=ada"],
+    "r3gan": ["model.arch=r3gan", "loss.name=rpgan", "loss.r1_gamma=0.05", "loss.r2_gamma=0.05", "loss.r1_every=1",
+              "train.channels_last=true"],
 }  # fmt: skip
 PLAN_JOB = ["model.arch=stylegan2", "model.channel_base=4096", "model.channel_max=256", "data.resolution=64",
             "loss.r1_every=1", "loss.pl_every=1", "train.batch_size=32", "scaling.num_workers=1"]  # fmt: skip
@@ -46,7 +48,7 @@ def _config(work: Path, shards: Path, arch: str, steps: int, device: str, tiny: 
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "gpu-check"},
         "run": {"name": f"gpu-check-{arch}"},
     }  # fmt: skip
-    tiny_widths = ["model.g_width=8", "model.d_width=8"] if tiny and arch != "stylegan2" else []
+    tiny_widths = ["model.g_width=8", "model.d_width=8"] if tiny and arch not in ("stylegan2", "r3gan") else []
     return build_config(tree, ARCHS[arch] + tiny_widths)
 
 

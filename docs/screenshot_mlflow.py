@@ -8,7 +8,12 @@ points Debian's headless chromium (``apt-get install -y chromium``; playwright i
 "Model metrics" tab in the UI's "Machine learning" layout, tall enough to show every metric section
 (losses/, discriminator/, optim/, throughput/) and, below them, the fixed-noise sample grid with its step
 slider; saves the PNG and stops every process it started by its pid. ``--tab overview`` shows the run's
-description, params and tags instead.
+description, params and tags instead. ``--sweep`` shows a sweep's parent run (``--run``: the sweep's name) on its
+artifacts tab, with its plot of every trial's metric over its steps (docs/sweep_parent_run.png, from the store
+``bench/bench_sweep.py --mlflow DIR`` keeps):
+
+    python docs/screenshot_mlflow.py --store sqlite:////DIR/mlflow.db --experiment sweep-bench --run mnist-r1-lr \
+      --sweep --height 1000 --out docs/sweep_parent_run.png
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tests.fixtures_mlflow import MlflowServer  # noqa: E402
 RUN_NAME = "digits-demo"
 CHROMIUM_TIMEOUT_S = 180
 TABS = {"metrics": "model-metrics", "overview": ""}  # --tab: the run page's tab (its URL path)
+SWEEP_PLOT = "sweep/metric_over_steps.png"  # --sweep: the parent run's artifact shown (gan_dist/sweep/parent.py)
 # MLflow's UI opens its Assistant panel over a third of the page when the host is loopback: browse the
 # server under another name that chromium resolves to 127.0.0.1, and let the server accept that name.
 UI_HOST = "mlflow.local"
@@ -64,9 +70,9 @@ def train_demo(work: Path) -> str:
     return cfg.tracking.uri
 
 
-def page_of(store: str, experiment: str, run_name: str | None, tab: str) -> str:
-    """The UI path of the run's ``tab`` (the experiment's latest run without ``run_name``); the run must have a
-    sample grid."""
+def page_of(store: str, experiment: str, run_name: str | None, tab: str, artifact: str | None = None) -> str:
+    """The UI path of the run's ``tab`` (the experiment's latest run without ``run_name``), or of its artifacts tab
+    on ``artifact``; a run shown on a tab must have a sample grid."""
     client = mlflow.MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -78,9 +84,11 @@ def page_of(store: str, experiment: str, run_name: str | None, tab: str) -> str:
     if not runs:
         sys.exit(f"no run {run_name or ''} in experiment '{experiment}'")
     run_id = runs[0].info.run_id
-    if latest_sample_grid(client, run_id) is None:
+    if artifact is None and latest_sample_grid(client, run_id) is None:
         sys.exit(f"run {run_id} has no sample grid")
     path, query = run_page(exp.experiment_id, run_id).split("?")
+    if artifact is not None:
+        return f"{path}/artifactPath/{artifact}?{query}"
     return f"{path}/{TABS[tab]}?{query}" if TABS[tab] else f"{path}?{query}"
 
 
@@ -112,6 +120,7 @@ def main() -> None:
     parser.add_argument("--run", help="gan_dist run name (default: the experiment's latest run)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow_run.png")
     parser.add_argument("--tab", choices=sorted(TABS), default="metrics")
+    parser.add_argument("--sweep", action="store_true", help=f"--run is a sweep: its parent run, on {SWEEP_PLOT}")
     parser.add_argument("--height", type=int, default=3500, help="window height: the metrics tab is long")
     parser.add_argument(
         "--budget-ms",
@@ -120,12 +129,14 @@ def main() -> None:
         help="chromium's --virtual-time-budget (the UI animates its artifact tree)",
     )
     args = parser.parse_args()
+    if args.sweep and not (args.store and args.run):
+        parser.error("--sweep shows a sweep that ran: give its --store and its name as --run")
 
     with tempfile.TemporaryDirectory(prefix="gan_dist_screenshot_") as tmp:
         work = Path(tmp)
         store = args.store or train_demo(work)
         run_name = args.run or (None if args.store else RUN_NAME)
-        page = page_of(store, args.experiment, run_name, args.tab)
+        page = page_of(store, args.experiment, run_name, args.tab, SWEEP_PLOT if args.sweep else None)
         remote = store.startswith(("http://", "https://"))
         server = None if remote else MlflowServer(work, backend_store_uri=store, extra_args=SERVER_ARGS)
         try:

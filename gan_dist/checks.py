@@ -26,12 +26,14 @@ def check_combinations(cfg: GanConfig) -> None:
             "model.d_norm",
             "wgan-gp's per-sample gradient penalty is invalid with BatchNorm in D; set model.d_norm=none",
         )
-    if cfg.loss.r1_gamma and batch_norm_d:
-        raise combination_error(
-            "loss.r1_gamma",
-            "R1 needs each sample's own gradient, which BatchNorm in D mixes across the batch "
-            "(and SyncBatchNorm cannot double-backward); set model.d_norm=none or loss.r1_gamma=0",
-        )
+    for penalty in ("r1_gamma", "r2_gamma"):
+        if (getattr(cfg.loss, penalty) or getattr(cfg.schedules, penalty)) and batch_norm_d:
+            raise combination_error(
+                f"loss.{penalty}",
+                f"{penalty[:2].upper()} needs each sample's own gradient, which BatchNorm in D mixes across the "
+                f"batch (and SyncBatchNorm cannot double-backward); set model.d_norm=none or loss.{penalty}=0",
+            )
+    _check_schedules(cfg)
     if cfg.loss.pl_weight and not hasattr(cfg.model, "mapping_layers"):
         raise combination_error("loss.pl_weight", "the path-length penalty needs a style-based G (model.arch=stylegan2)")
     if cfg.loss.ac_weight and not cfg.model.conditional:
@@ -46,6 +48,22 @@ def check_combinations(cfg: GanConfig) -> None:
         raise combination_error("train.sync_batchnorm", "SyncBatchNorm needs scaling.use_gpu=true")
     for world in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):
         _check_world(cfg, world)
+
+
+def _check_schedules(cfg: GanConfig) -> None:
+    """A scheduled knob replaces its key's own mechanism; the two at once would fight over the value."""
+    for net in ("g", "d"):
+        lr_schedule = getattr(cfg.optim, f"{net}_schedule")
+        if getattr(cfg.schedules, f"{net}_lr") is not None and (lr_schedule.kind != "constant" or lr_schedule.warmup_steps):
+            raise combination_error(
+                f"optim.{net}_schedule.kind",
+                f"schedules.{net}_lr sets {net.upper()}'s learning rate at every step; leave optim.{net}_schedule "
+                "at kind=constant without warm-up, or drop the ramp",
+            )
+    if cfg.schedules.augment_p is not None and cfg.augment.kind != "ada":
+        raise combination_error("schedules.augment_p", "a scheduled augmentation probability needs augment.kind=ada")
+    if cfg.schedules.augment_p is not None and cfg.augment.p is not None:
+        raise combination_error("augment.p", "schedules.augment_p sets p at every step; leave augment.p unset")
 
 
 def _check_world(cfg: GanConfig, world: int) -> None:

@@ -294,6 +294,7 @@ def evaluate(
     """FID, KID, IS and precision/recall of a generator against real data."""
     from gan_dist.config import build_config
     from gan_dist.evaluate import evaluate as run_evaluate
+    from gan_dist.metrics.runner import extractor_identity
     from gan_dist.models.io import CheckpointError
 
     try:
@@ -302,10 +303,12 @@ def evaluate(
                   f"images, {cfg.eval.extractor} features, on {device}", highlight=False)  # fmt: skip
         scores = run_evaluate(source, data, cfg.eval, cfg.storage, num_images, device, cache_dir, seed,
                               progress=err.is_terminal)  # fmt: skip
+        identity = extractor_identity(cfg.eval)
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         _fail("error", escape(str(exc)))
     for key, value in scores.items():
         out.print(f"  {key:12s} {value:.6g}", highlight=False)
+    out.print(f"  {'extractor':12s} {identity}  (compare only numbers from the same one)", highlight=False)
     if cfg.eval.extractor != "inception":
         out.print(f"  ({cfg.eval.extractor} features: compare only with runs scored by the same extractor file, "
                   "not with published FIDs; docs/evaluation.md)", highlight=False)  # fmt: skip
@@ -391,3 +394,7 @@ def doctor(
     failed = sum(c.status == checker.FAIL for c in checks)
     out.print(f"[red]✗ {failed} check(s) failed[/]" if failed else "[green]✓ every check passed[/]")
     raise typer.Exit(1 if failed else 0)
+
+
+from gan_dist.sweep.cli import sweep  # noqa: E402  (a module of its own: this one is at its size limit)
+app.command()(sweep)

@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from gan_dist.augment import AUGMENTS
 from gan_dist.losses import LOSSES
 from gan_dist.models import ARCHITECTURES
+from gan_dist.ramps import SchedulesConfig
 from gan_dist.checks import check_combinations
 from gan_dist.schema import COMBINATION, Section
 from gan_dist.storage import StorageConfig
@@ -75,7 +76,10 @@ class LossConfig(Section):
     r1_gamma: float | None = Field(
         None, ge=0, description="R1 penalty weight; 0 disables it; unset: stylegan2 0.0002*R^2/batch, else 0"
     )
-    r1_every: int = Field(16, ge=1, description="Lazy R1: apply every k D steps, scaled by k")
+    r1_every: int = Field(16, ge=1, description="Lazy R1 (and R2): apply every k D steps, scaled by k")
+    r2_gamma: float = Field(
+        0.0, ge=0, description="R2 penalty weight: the zero-centred gradient penalty on fakes (R3GAN pairs it with R1)"
+    )
     clip: float = Field(0.01, gt=0, description="WGAN weight-clipping bound")
     pl_weight: float | None = Field(None, ge=0, description="Path-length penalty weight; unset: stylegan2 2, else 0")
     pl_every: int = Field(4, ge=1, description="Lazy path length: every k G steps, scaled by k")
@@ -214,6 +218,9 @@ class EvalConfig(Section):
     extractor: Literal["inception", "classifier"] = "inception"
     per_class: int = Field(10, ge=0, description="Conditional models: intra-FID for up to this many classes")
     extractor_path: str | None = Field(None, description="Feature-network weights (path/URL); see README")
+    mode_classifier: str | None = Field(
+        None, description="Classifier file (train_classifier) naming each fake's class for quality/modes and "
+        "quality/mode_kl; unset: a classifier extractor does (docs/evaluation.md)")
     batch_size: int = Field(100, ge=1)
 
 
@@ -222,6 +229,11 @@ class TrackingConfig(Section):
     experiment: str = "gan_dist"
     system_metrics: bool = Field(False, description="Log CPU/GPU/memory system metrics")
     register_model: str | None = Field(None, description="Register the final generator under this model name")
+    run_name: str | None = Field(
+        None, description="The MLflow run this run logs to, by name (unset: run.name); a sweep's trial keeps its own "
+        "when it continues from another trial's checkpoint (PBT)"
+    )
+    parent_run_id: str | None = Field(None, description="Nest the MLflow run under this run (a sweep's parent run)")
 
 
 class RunConfig(Section):
@@ -236,6 +248,7 @@ class GanConfig(Section):
     optim: OptimConfig = OptimConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    schedules: SchedulesConfig = SchedulesConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()

@@ -201,9 +201,9 @@ def private_default_token() -> None:
     AuthenticationTokenLoader.instance().reset_cache()  # it may have looked for the file already
 
 
-def build_trainer(cfg: GanConfig, ray_log_level: str = "INFO") -> TorchTrainer:
+def build_trainer(cfg: GanConfig, ray_log_level: str = "INFO", callbacks: list[Any] | None = None) -> TorchTrainer:
     """``ray_log_level``: the level of Ray Train's own console lines (worker-group banners are INFO; its log
-    files in the Ray session keep every level)."""
+    files in the Ray session keep every level). ``callbacks``: Ray Train callbacks (a sweep's trial reports)."""
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers,  # (min, max): Ray's elastic policy sizes the group to what fits
         use_gpu=cfg.scaling.use_gpu,
@@ -218,6 +218,7 @@ def build_trainer(cfg: GanConfig, ray_log_level: str = "INFO") -> TorchTrainer:
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         logging_config=ray.train.LoggingConfig(log_level=ray_log_level),
+        callbacks=callbacks,
     )
     return TorchTrainer(
         train_worker,

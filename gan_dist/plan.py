@@ -145,12 +145,14 @@ def step_batches(cfg: GanConfig, images: int) -> tuple[DiscriminatorBatch, Gener
     labels = torch.randint(classes, (images,)) if classes else None
     gp_eps = torch.rand(images) if cfg.loss.name == "wgan-gp" else None
     real = torch.rand(images, cfg.data.channels, res, res) * 2 - 1
-    return (DiscriminatorBatch(real, torch.randn(images, z_dim), gp_eps, labels),
-            GeneratorBatch(torch.randn(images, z_dim), labels))  # fmt: skip
+    d_batch = DiscriminatorBatch(real, torch.randn(images, z_dim), gp_eps, labels)
+    return d_batch, d_batch.then_generator(torch.randn(images, z_dim))
 
 
 def phase_names(cfg: GanConfig, m: GanModules) -> tuple[str, str]:
-    return (f"D step{' + R1' if cfg.loss.r1_gamma else ''}",
+    on = {name: getattr(cfg.loss, key) or getattr(cfg.schedules, key) for name, key in (("R1", "r1_gamma"), ("R2", "r2_gamma"))}
+    penalties = "".join(f" + {name}" for name, gamma in on.items() if gamma)
+    return (f"D step{penalties}",
             f"G step{' + path length' if m.pl_mean is not None else ''}")  # fmt: skip
 
 

@@ -62,6 +62,7 @@ CREDENTIAL_ENV = (
     "MLFLOW_TRACKING_TOKEN",
 )
 CONFIG_NAME = "job.yaml"
+SPACE_NAME = "space.yaml"
 TOKEN_HELP = "pass --token-file FILE or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (see docs/security.md)"
 
 
@@ -179,8 +180,10 @@ def submit(
     token_file: Path | None = None,
     forward_credentials: bool = False,
     allow_http: bool = False,
+    space_path: str | Path | None = None,
 ) -> tuple[str, str]:
-    """Validate the config here, then submit it; returns (job id, run name)."""
+    """Validate the config here, then submit it (with ``space_path``: as ``gan-dist sweep``, the SPACE checked by
+    the caller); returns (job id, run name)."""
     cfg = load_config(config_path, overrides)  # fail before anything reaches the cluster
     check_no_secrets(cfg, Path(config_path))
     named = any(item.strip().startswith("run.name=") for item in overrides)
@@ -188,10 +191,13 @@ def submit(
     workdir = Path(tempfile.mkdtemp(prefix="gan_dist_job_"))
     try:
         shutil.copyfile(config_path, workdir / CONFIG_NAME)
+        command = f"sweep {CONFIG_NAME} {SPACE_NAME}" if space_path else f"train {CONFIG_NAME}"
+        if space_path:
+            shutil.copyfile(space_path, workdir / SPACE_NAME)
         args = " ".join(f"--set {shlex.quote(item)}" for item in pinned)
         with job_server(address, token_file, allow_http) as client:
             submitted = client.submit_job(
-                entrypoint=f"python -m gan_dist train {CONFIG_NAME} {args}",
+                entrypoint=f"python -m gan_dist {command} {args}",
                 submission_id=job_id,
                 runtime_env={
                     "working_dir": str(workdir),

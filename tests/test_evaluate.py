@@ -29,6 +29,7 @@ from gan_dist.train.checkpoint import save_checkpoint
 from tests.conftest import TINY_MODEL
 
 METRICS = {"fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std"}
+MODES = {"modes", "mode_kl"}  # the digits are labelled and the extractor is their classifier
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,8 +86,9 @@ def test_evaluate_scores_a_generator_and_reuses_the_real_statistics(classifier, 
     cfg = EvalConfig(extractor="classifier", extractor_path=str(classifier), batch_size=64)
     cache = tmp_path / "cache"
     first = evaluate(str(exported), str(digits_shards), cfg, StorageConfig(), 200, cache_dir=cache)
-    assert set(first) == METRICS and all(torch.isfinite(torch.tensor(v)) for v in first.values())
+    assert set(first) == METRICS | MODES and all(torch.isfinite(torch.tensor(v)) for v in first.values())
     assert first["fid"] > 1 and 0 <= first["precision"] <= 1 and 1 <= first["is_mean"] <= 10
+    assert 1 <= first["modes"] <= 10 and first["mode_kl"] >= 0
     (cached,) = cache.iterdir()
     stamp = cached.stat().st_mtime_ns
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from gan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty, zero_centred_penalty
 
 REAL = [2.0, -1.0]
 FAKE = [0.5, -3.0]
@@ -33,6 +33,7 @@ EXPECTED_D = {
     "wgan": _mean(FAKE) - _mean(REAL),
     "wgan-gp": _mean(FAKE) - _mean(REAL),
     "hinge": _mean([max(0.0, 1 - r) for r in REAL]) + _mean([max(0.0, 1 + f) for f in FAKE]),
+    "rpgan": -_mean([math.log(_sigmoid(r - f)) for r, f in zip(REAL, FAKE)]),
 }
 EXPECTED_G = {
     "minimax": _mean([math.log(1 - _sigmoid(f)) for f in FAKE]),
@@ -41,6 +42,7 @@ EXPECTED_G = {
     "wgan": -_mean(FAKE),
     "wgan-gp": -_mean(FAKE),
     "hinge": -_mean(FAKE),
+    "rpgan": -_mean([math.log(_sigmoid(f - r)) for r, f in zip(REAL, FAKE)]),
 }
 
 
@@ -57,7 +59,7 @@ def test_discriminator_loss_values(name: str) -> None:
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_generator_loss_values(name: str) -> None:
-    loss = generator_loss(name, torch.tensor(FAKE))
+    loss = generator_loss(name, torch.tensor(FAKE), torch.tensor(REAL))
     assert loss.shape == ()
     assert loss.item() == pytest.approx(EXPECTED_G[name], rel=1e-6)
 
@@ -69,6 +71,23 @@ def test_hand_worked_numbers() -> None:
     assert EXPECTED_D["wgan"] == pytest.approx(-1.25 - 0.5)
     softplus = lambda t: math.log1p(math.exp(t))  # noqa: E731
     assert EXPECTED_D["minimax"] == pytest.approx((softplus(-2) + softplus(1)) / 2 + (softplus(0.5) + softplus(-3)) / 2)
+    # RpGAN pairs (r, f) = (2, 0.5) and (-1, -3): D sees margins 1.5 and 2, G the opposite ones.
+    assert EXPECTED_D["rpgan"] == pytest.approx((softplus(-1.5) + softplus(-2)) / 2)
+    assert EXPECTED_G["rpgan"] == pytest.approx((softplus(1.5) + softplus(2)) / 2)
+
+
+def test_rpgan_judges_each_fake_against_its_real_pair() -> None:
+    """Only the margins r - f matter: shifting every logit by one constant leaves both losses unchanged, and the
+    G loss's gradient flows to the fakes only (reals are data), -sigma(r - f)/n per fake."""
+    real, fake = torch.tensor(REAL), torch.tensor(FAKE, requires_grad=True)
+    shifted = discriminator_loss("rpgan", real + 7, fake.detach() + 7)
+    assert shifted.item() == pytest.approx(EXPECTED_D["rpgan"], rel=1e-6)
+    (grad,) = torch.autograd.grad(generator_loss("rpgan", fake, real), fake)
+    assert grad.tolist() == pytest.approx([-_sigmoid(r - f) / 2 for r, f in zip(REAL, FAKE)], rel=1e-6)
+    with pytest.raises(ValueError, match="pairs every fake"):
+        generator_loss("rpgan", fake)
+    with pytest.raises(ValueError, match="pairs every fake"):
+        discriminator_loss("rpgan", real, torch.zeros(3))
 
 
 def test_minimax_vs_nonsaturating_generator() -> None:
@@ -92,7 +111,7 @@ def test_losses_are_finite_for_extreme_logits() -> None:
     big = torch.tensor([200.0, -200.0])
     for name in LOSSES:
         assert torch.isfinite(discriminator_loss(name, big, -big))
-        assert torch.isfinite(generator_loss(name, big))
+        assert torch.isfinite(generator_loss(name, big, -big))
 
 
 def test_low_precision_logits_give_float32_loss() -> None:
@@ -136,10 +155,21 @@ def test_gradient_penalty_linear_critic_is_exact() -> None:
 
 def test_r1_linear_critic_and_its_gradient() -> None:
     critic = LinearCritic(W)
-    r1 = r1_penalty(critic, torch.randn(4, 6))
+    r1 = zero_centred_penalty(critic, torch.randn(4, 6))
     assert r1.item() == pytest.approx(W.square().sum().item(), rel=1e-5)
     r1.backward()  # d/dw ||w||^2 = 2w
     torch.testing.assert_close(critic.w.grad, 2 * W, rtol=1e-5, atol=1e-6)
+
+
+def test_r2_on_fakes_of_a_quadratic_critic() -> None:
+    """R2 is the same penalty on fakes: for D(x) = a * sum(x^2) the input gradient is 2ax, so the penalty is
+    E[4 a^2 ||x||^2] and its derivative in a is E[8 a ||x||^2]."""
+    a = nn.Parameter(torch.tensor(0.7))
+    fakes = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]])  # ||x||^2 = 5 and 10
+    r2 = zero_centred_penalty(lambda x: a * x.square().sum(1), fakes)
+    assert r2.item() == pytest.approx(4 * 0.49 * 7.5, rel=1e-6)
+    r2.backward()
+    assert a.grad.item() == pytest.approx(8 * 0.7 * 7.5, rel=1e-6)
 
 
 class QuadraticCritic(nn.Module):
@@ -193,7 +223,7 @@ def test_penalties_detach_inputs_and_ignore_autocast() -> None:
     real = torch.randn(3, 6)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         gp = gradient_penalty(critic, real, fake)
-        r1 = r1_penalty(critic, real)
+        r1 = zero_centred_penalty(critic, real)
     assert gp.dtype == r1.dtype == torch.float32
     assert gp.item() == pytest.approx((W.norm().item() - 1) ** 2, rel=1e-5)
     (gp + r1).backward()
@@ -207,7 +237,7 @@ def test_gradient_penalty_through_a_conv_discriminator() -> None:
 
     d = build_discriminator(model_config({"arch": "resnet", "d_width": 4}), 32, 1)
     real, fake = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
-    (gradient_penalty(d, real, fake) + r1_penalty(d, real)).backward()
+    (gradient_penalty(d, real, fake) + zero_centred_penalty(d, real)).backward()
     # Every weight shapes D's input gradient; biases only move ReLU kinks (zero or no gradient).
     weights = [p for name, p in d.named_parameters() if name.endswith("weight.original")]
     assert len(weights) == 10

@@ -10,10 +10,14 @@ from gan_dist.models import model_config
 from gan_dist.models import build_discriminator, build_generator, dcgan, resnet
 
 Z_DIM = 16
+TINY = {  # small nets per arch; the classic ones share their width keys
+    "stylegan2": {"channel_base": 256, "channel_max": 16, "w_dim": 16, "mapping_layers": 2},
+    "r3gan": {"channel_base": 256, "channel_max": 16, "group_width": 8},
+}
 
 
 def _cfg(arch: str, **kw):
-    return model_config({"arch": arch, "g_width": 8, "d_width": 8, "z_dim": Z_DIM, **kw})
+    return model_config({"arch": arch, **TINY.get(arch, {"g_width": 8, "d_width": 8}), "z_dim": Z_DIM, **kw})
 
 
 def _has_bn(module: nn.Module) -> bool:
@@ -185,19 +189,21 @@ def test_conditional_batchnorm_uses_the_class_scale_and_shift() -> None:
     torch.testing.assert_close(bn(x, y), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "dcgan", "resnet", "stylegan2"])
+@pytest.mark.parametrize("arch", ["mlp", "dcgan", "resnet", "stylegan2", "r3gan"])
 def test_conditional_nets_need_labels_and_use_them(arch: str) -> None:
     torch.manual_seed(0)
-    extra = {"channel_base": 256, "channel_max": 16, "w_dim": 16, "mapping_layers": 2} if arch == "stylegan2" else {}
-    cfg = _conditional(arch, **extra) if arch != "stylegan2" else model_config(
-        {"arch": arch, "z_dim": Z_DIM, "conditional": True, "num_classes": 5, **extra})
+    cfg = _conditional(arch)
     g, d = build_generator(cfg, 32, 1).eval(), build_discriminator(cfg, 32, 1)
     z = torch.randn(3, Z_DIM)
     with pytest.raises(ValueError, match="labels"):
         g(z)
+    with pytest.raises(ValueError, match="labels"):
+        d(torch.randn(3, 1, 32, 32))
     with torch.no_grad():  # at init every class has the same scale and shift; make them differ, as training does
         for p in g.parameters():
             p.add_(0.1 * torch.randn_like(p))
     a, b = torch.tensor([0, 1, 2]), torch.tensor([4, 4, 4])
     assert not torch.allclose(g(z, a), g(z, b))  # the class changes what G draws
-    assert d(g(z, a), a).shape == (3,)
+    images = g(z, a)
+    assert d(images, a).shape == (3,)
+    assert not torch.allclose(d(images, a), d(images, b))  # and what D thinks of an image

@@ -22,6 +22,8 @@ TINY = {
                   "model.channel_base=512", "model.channel_max=32", "augment.kind=ada", "augment.p=0.5"],
     "dcgan-bf16": ["model.arch=dcgan", "model.g_width=16", "model.d_width=16", "model.z_dim=16", "loss.r1_gamma=1",
                    "model.d_norm=none", "train.precision=bf16"],
+    "r3gan": ["model.arch=r3gan", "model.z_dim=16", "model.channel_base=128", "model.channel_max=16",
+              "model.group_width=8", "model.blocks_per_stage=1", "loss.r1_gamma=1"],
 }  # fmt: skip
 
 

@@ -32,6 +32,8 @@ from gan_dist.train.step import (
 BATCH = 8
 TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", f"train.batch_size={BATCH}"]
 NO_BATCHNORM = ["model.g_batchnorm=false", "model.d_norm=none"]  # per-rank BN statistics differ by design
+R3GAN_TINY = ["model.arch=r3gan", "model.z_dim=16", "model.channel_base=128", "model.channel_max=16",
+              "model.group_width=8", f"train.batch_size={BATCH}"]  # fmt: skip
 
 
 def test_ema_update_rule_by_hand():
@@ -150,7 +152,7 @@ def _train(cfg, rank: int, world: int, steps: int = 1) -> dict:
             batch = DiscriminatorBatch(x["real"][k][share], x["z_d"][k][share], x["eps"][k][share], labels[k])
             discriminator_step(m, cfg, batch, step * cfg.train.n_critic + k)
         d_before = [(p.detach().clone(), p.grad.clone()) for p in bare(m.d).parameters()]
-        generator_step(m, cfg, GeneratorBatch(x["z_g"][share], labels[-1]), step)
+        generator_step(m, cfg, batch.then_generator(x["z_g"][share]), step)
         untouched &= all(torch.equal(a, p) and torch.equal(g, p.grad) for (a, g), p in zip(d_before, bare(m.d).parameters()))
     tensors = {f"{name}.{k}": v.detach().clone() for name, net in (("g", bare(m.g)), ("d", bare(m.d)), ("g_ema", m.g_ema))
                for k, v in net.state_dict().items()}  # fmt: skip
@@ -180,6 +182,9 @@ CASES = {
     "wgan-clipping": ["loss.name=wgan", "loss.clip=0.01"],
     "wgan-gp": ["loss.name=wgan-gp"],
     "hinge-resnet-sn": ["loss.name=hinge", "model.arch=resnet"],
+    "rpgan-r1-r2": ["loss.name=rpgan", "loss.r1_gamma=1.0", "loss.r2_gamma=0.5", "loss.r1_every=1"],
+    "r3gan-rpgan-r1-r2-conditional": ["loss.name=rpgan", "loss.r1_gamma=1.0", "loss.r2_gamma=1.0", "loss.r1_every=1",
+                                      "model.conditional=true", "model.num_classes=4"],
     "lazy-r1": ["loss.name=nonsaturating", "loss.r1_gamma=2.0", "loss.r1_every=2"],
     "n-critic-2": ["loss.name=wgan-gp", "train.n_critic=2", "loss.r1_gamma=1.0", "loss.r1_every=2"],
     "accumulate-2": ["loss.name=hinge", "train.accumulate=2", "loss.r1_gamma=1.0", "loss.r1_every=1"],
@@ -195,7 +200,7 @@ CASES = {
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, case):
     """One (or two, for EMA and Adam's second moments) D+G iterations on 2 gloo ranks with B/2 each equal
     the same iterations in one process with batch B: gradients, parameters, Adam moments, EMA-G."""
-    overrides = TINY + NO_BATCHNORM + CASES[case]
+    overrides = (R3GAN_TINY if case.startswith("r3gan") else TINY + NO_BATCHNORM) + CASES[case]
     steps, world = 2, 3 if "scaling.num_workers=3" in overrides else 2
     mp.spawn(_ddp_worker, args=(world, _free_port(), overrides, steps, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
@@ -338,10 +343,12 @@ def test_three_uneven_ranks_with_micro_batches_and_path_length_agree_with_one_pr
 
 
 ARCH_CASES = {
-    "mlp": ["model.arch=mlp"],
-    "dcgan": ["model.arch=dcgan"],
-    "resnet-sn": ["model.arch=resnet", "model.d_spectral_norm=true"],
-    "stylegan2": [],
+    "mlp": TINY + NO_BATCHNORM + ["model.arch=mlp"],
+    "dcgan": TINY + NO_BATCHNORM + ["model.arch=dcgan"],
+    "resnet-sn": TINY + NO_BATCHNORM + ["model.arch=resnet", "model.d_spectral_norm=true"],
+    "stylegan2": UNEVEN,
+    "r3gan": ["model.arch=r3gan", "model.z_dim=16", "model.channel_base=128", "model.channel_max=16",
+              "model.group_width=8"],
 }
 
 
@@ -352,8 +359,7 @@ def _collectives_worker(rank, world, port, result_dir):
         for arch, options in ARCH_CASES.items():
             overrides = options + [f"scaling.num_workers={world}", "train.micro_batch=2", "loss.r1_gamma=1",
                                    "loss.r1_every=1", "train.batch_size=8"]  # fmt: skip
-            base = UNEVEN if arch == "stylegan2" else TINY + NO_BATCHNORM
-            cfg = build_config({"data": {"url": "/unused"}}, base + overrides)
+            cfg = build_config({"data": {"url": "/unused"}}, overrides)
             m = build_modules(cfg, torch.device("cpu"))
             seed_rank_streams(torch.Generator(), cfg.train.seed, rank, world, 0, None)
             share = rank_batch(8, world, rank)

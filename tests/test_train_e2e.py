@@ -20,7 +20,7 @@ def _history_steps(client, run_id, key):
 
 def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, digits_classifier):
     evaluation = ["eval.every=6", "eval.extractor=classifier", f"eval.extractor_path={digits_classifier}",
-                  "eval.num_images=128", "eval.batch_size=64"]
+                  "eval.num_images=128", "eval.batch_size=64", f"eval.mode_classifier={digits_classifier}"]
     cfg = build_config(job_tree, TINY_MODEL + evaluation + ["run.name=e2e-run"])
     first = run_training(cfg)
 
@@ -51,9 +51,11 @@ def test_two_workers_train_checkpoint_log_and_continue(ray_session, job_tree, di
                 "optim/g_grad_norm", "optim/lr_g", "throughput/images_per_sec", "throughput/data_wait_fraction",
                 "throughput/data_skipped"):
         assert _history_steps(client, run.info.run_id, key) == [2, 4, 6], key
-    # FID/KID computed across both workers against cached real statistics, logged at the eval step.
-    for key in ("quality/fid", "quality/kid_mean", "quality/is_mean"):
+    # FID/KID computed across both workers against cached real statistics, logged at the eval step, and the
+    # mode coverage of the ten digit classes as eval.mode_classifier names them.
+    for key in ("quality/fid", "quality/kid_mean", "quality/is_mean", "quality/modes", "quality/mode_kl"):
         assert _history_steps(client, run.info.run_id, key) == [6], key
+    assert 1 <= client.get_metric_history(run.info.run_id, "quality/modes")[0].value <= 10
     assert client.get_metric_history(run.info.run_id, "quality/fid")[0].value > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
@@ -91,7 +93,8 @@ def test_conditional_run_from_shards_to_checkpoint_mlflow_and_resume(ray_session
     assert state["class_names"] == [str(d) for d in range(10)]
 
     client = mlflow.MlflowClient(cfg.tracking.uri)
-    for key in ("quality/fid", "quality/class_accuracy", "quality/intra_fid/0", "quality/intra_fid_mean"):
+    for key in ("quality/fid", "quality/class_accuracy", "quality/intra_fid/0", "quality/intra_fid_mean",
+                "quality/modes", "quality/mode_kl"):
         assert _history_steps(client, first.mlflow_run_id, key) == [6], key
     assert 0 <= client.get_metric_history(first.mlflow_run_id, "quality/class_accuracy")[0].value <= 1
     grids = [a.path for a in client.list_artifacts(first.mlflow_run_id, "images") if "samples" in a.path]
@@ -117,3 +120,37 @@ def test_three_workers_uneven_micro_batches_and_path_length_train_to_the_end(ray
     assert result.final_step == 3 and result.metrics["rank_steps"] == [3, 3, 3]
     assert len(set(result.metrics["param_digests"])) == 1
     assert read_state(result.checkpoint_path)["pl_mean"] > 0
+
+
+R3GAN_TINY = ["model.arch=r3gan", "model.z_dim=16", "model.channel_base=128", "model.channel_max=16",
+              "model.group_width=8", "loss.name=rpgan", "loss.r1_every=1", "optim.betas=[0.0,0.9]",
+              "schedules.r1_gamma={start: 1.0, end: 0.1, kimg: 0.08}", "schedules.r2_gamma={start: 1.0, end: 0.1, kimg: 0.08}",
+              "schedules.g_lr={start: 2.0e-4, end: 5.0e-5, kimg: 0.08}", "schedules.beta2={start: 0.9, end: 0.99, kimg: 0.08}",
+              "schedules.ema_kimg={start: 0, end: 0.5, kimg: 0.08}", "augment.kind=ada",
+              "schedules.augment_p={start: 0, end: 0.3, kimg: 0.08}"]  # fmt: skip
+
+
+def test_conditional_r3gan_with_rpgan_r1_r2_and_schedules_trains_end_to_end(ray_session, job_tree, digits_classifier):
+    """R3GAN's recipe on 2 workers: a conditional r3gan (class embedding in G, projection in D), the relativistic
+    loss with R1 and R2 every step, every knob on a schedule. Both ranks stay in sync, the penalties and the
+    scheduled values reach MLflow (the values at each logged step, moving from start to end), and evaluation
+    reports FID and class accuracy for it like for any arch."""
+    options = R3GAN_TINY + ["model.conditional=true", "run.name=r3gan-cond", "eval.every=6", "eval.per_class=2",
+                            "eval.extractor=classifier", f"eval.extractor_path={digits_classifier}",
+                            "eval.num_images=128", "eval.batch_size=64"]  # fmt: skip
+    cfg = build_config(job_tree, options)
+    result = run_training(cfg)
+    assert result.final_step == 6 and result.metrics["rank_steps"] == [6, 6]
+    assert len(set(result.metrics["param_digests"])) == 1
+    state = read_state(result.checkpoint_path)
+    assert state["config"]["model"]["arch"] == "r3gan" and state["config"]["model"]["num_classes"] == 10
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    for key in ("losses/d_r1", "losses/d_r2", "losses/g", "schedules/r1_gamma", "schedules/augment_p"):
+        assert _history_steps(client, result.mlflow_run_id, key) == [2, 4, 6], key
+    gamma = [m.value for m in client.get_metric_history(result.mlflow_run_id, "schedules/r1_gamma")]
+    assert gamma == sorted(gamma, reverse=True) and gamma[-1] == pytest.approx(0.1)  # the last step saw 80 images: the end
+    lr = client.get_metric_history(result.mlflow_run_id, "optim/lr_g")[-1].value
+    assert lr == pytest.approx(5e-5)
+    for key in ("quality/fid", "quality/class_accuracy"):
+        assert _history_steps(client, result.mlflow_run_id, key) == [6], key

@@ -27,7 +27,7 @@ from webdataset import TarWriter
 
 from gan_dist.storage import StorageConfig
 from gan_dist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SkippedInput, write_manifest
-from gan_dist.data.sources import Source, open_source
+from gan_dist.data.sources import Source, StackedSource, open_source
 from gan_dist.storage import delete, is_remote, is_s3, join, list_objects, upload_file
 
 FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
@@ -76,7 +76,8 @@ def prepare(
     shard (fewer where inputs were skipped). ``crop``: ``center`` (square center crop) or ``wide`` (StyleGAN's
     wide crop: full width kept, letterboxed). ``labels_csv``: ``filename,label`` rows for a folder source.
     ``processes``: worker processes writing shards in parallel. ``storage``: endpoint settings for S3.
-    ``shuffle``: write the inputs in a random order seeded by ``seed`` (False: in source order).
+    ``shuffle``: write the inputs in a random order seeded by ``seed`` (False: in source order); ``seed``
+    also draws a ``stacked-mnist:`` source's digits.
     """
     out = str(out)
     if channels not in (1, 3):
@@ -106,7 +107,9 @@ def prepare(
         "shuffle": shuffle,
         "seed": seed,
     }
-    src = open_source(source, labels_csv)
+    src = open_source(source, labels_csv, seed)
+    if isinstance(src, StackedSource) and channels != 3:
+        raise ValueError("stacked-mnist is a colour dataset (one digit per channel): use channels=3")
     recipe = _Recipe(
         out=out,
         resolution=resolution,

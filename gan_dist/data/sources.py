@@ -1,14 +1,16 @@
-"""Image sources for ``prepare``: scikit-learn digits, MNIST idx files, or a folder tree of images.
+"""Image sources for ``prepare``: scikit-learn digits, MNIST idx files, StackedMNIST, or a folder tree of images.
 
 A source is a numbered list of inputs; ``load(i)`` reads input ``i`` on demand, so worker processes can each
 take their own slice without the dataset ever being in memory at once (the small array sources are).
 Class labels: MNIST label files, folder names (first-level subfolders), or a CSV of ``filename,label``.
+StackedMNIST (Metz et al. 2017's mode-collapse benchmark) is composed on demand from the MNIST digits.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,9 @@ from gan_dist.data.manifest import SkippedInput
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049  # idx magic numbers: ubyte data with 3 resp. 1 dimensions
+STACKED_MNIST = "stacked-mnist:"
+STACKED_DEFAULT_SAMPLES = 60_000
+_STACKED_COUNT = re.compile(r"\?samples=(\d+)$")  # stacked-mnist:SRC?samples=N
 
 Loaded = tuple[Image.Image | None, int | None, SkippedInput | None]  # image (None: skipped), label, why skipped
 
@@ -72,15 +77,38 @@ class FolderSource:
         return None, label, SkippedInput(path=rel, reason=reason)
 
 
-Source = ArraySource | FolderSource
+@dataclass
+class StackedSource:
+    """StackedMNIST: three MNIST digits as the R, G and B channels; class ``100·d_R + 10·d_G + d_B``."""
+
+    digits: np.ndarray  # [M, H, W] uint8
+    digit_labels: np.ndarray  # [M]
+    picks: np.ndarray  # [N, 3]: the digits (indices) of each sample's R, G and B channel
+    labels: list[str]
+
+    @property
+    def total(self) -> int:
+        return len(self.picks)
+
+    def load(self, index: int) -> Loaded:
+        chosen = self.picks[index]
+        label = int(self.digit_labels[chosen].astype(np.int64) @ np.array([100, 10, 1]))
+        return Image.fromarray(np.ascontiguousarray(np.moveaxis(self.digits[chosen], 0, -1)), "RGB"), label, None
 
 
-def open_source(source: str, labels_csv: str | None = None) -> Source:
-    """``sklearn:digits``, an MNIST idx images file (or a folder holding them), or a folder of images."""
-    if labels_csv is not None and (source == "sklearn:digits" or _idx_files(Path(source))):
+Source = ArraySource | FolderSource | StackedSource
+
+
+def open_source(source: str, labels_csv: str | None = None, seed: int = 0) -> Source:
+    """``sklearn:digits``, an MNIST idx images file (or a folder holding them), ``stacked-mnist:SRC[?samples=N]``
+    (StackedMNIST from the MNIST files at SRC, drawn with ``seed``), or a folder of images."""
+    stacked = source.startswith(STACKED_MNIST)
+    if labels_csv is not None and (stacked or source == "sklearn:digits" or _idx_files(Path(source))):
         raise ValueError("labels_csv applies to folder sources only (digits and MNIST carry their own labels)")
     if source == "sklearn:digits":
         return _digits()
+    if stacked:
+        return _stacked_mnist(source.removeprefix(STACKED_MNIST), seed)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"source not found: {source}")
@@ -142,6 +170,21 @@ def _mnist(image_files: list[Path]) -> ArraySource:
         return ArraySource(np.concatenate(images), None, None)
     stacked = np.concatenate(labels)
     return ArraySource(np.concatenate(images), stacked, [str(c) for c in range(int(stacked.max()) + 1)])
+
+
+def _stacked_mnist(spec: str, seed: int) -> StackedSource:
+    """``SRC[?samples=N]``: N samples (default 60,000), each channel an MNIST digit drawn uniformly and
+    independently (with replacement) from every labelled digit at SRC, train and test files alike."""
+    count = _STACKED_COUNT.search(spec)
+    idx = _idx_files(Path(spec[: count.start()] if count else spec))
+    mnist = _mnist(idx) if idx else None
+    if mnist is None or mnist.targets is None or mnist.targets.max() > 9:
+        raise ValueError(f"{STACKED_MNIST}{spec}: SRC must hold MNIST idx images files with their labels files")
+    samples = int(count.group(1)) if count else STACKED_DEFAULT_SAMPLES
+    if samples < 1:
+        raise ValueError(f"{STACKED_MNIST}{spec}: samples must be >= 1")
+    picks = np.random.default_rng((seed, 3)).integers(len(mnist.images), size=(samples, 3))  # not the shuffle's stream
+    return StackedSource(mnist.images, mnist.targets, picks, [f"{mode:03d}" for mode in range(1000)])
 
 
 def _folder(root: Path, labels_csv: Path | None) -> FolderSource:

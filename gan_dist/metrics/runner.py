@@ -3,7 +3,9 @@
 Work is split as in StyleGAN2-ADA: every rank extracts features for a contiguous share of the images,
 rank 0 gathers them and computes the statistics. Real-data statistics are computed once per (dataset
 manifest, extractor, resolution, channels, image count) and cached. Fakes are quantised to uint8 first,
-like the real images, so both sides go through the same pixels.
+like the real images, so both sides go through the same pixels. With a classifier of the data's classes (the
+extractor itself, or ``eval.mode_classifier``), every fake's predicted class also goes to rank 0, for the
+mode-coverage metrics.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from gan_dist.data.loader import to_float
 from gan_dist.data.shards import list_shards
 from gan_dist.data.subset import dataset_manifest, read_images
 from gan_dist.metrics.classifier import ClassifierExtractor
-from gan_dist.metrics.extractors import FeatureExtractor
-from gan_dist.metrics.inception import InceptionExtractor
+from gan_dist.metrics.extractors import FeatureExtractor, file_sha256
+from gan_dist.metrics.inception import InceptionExtractor, fid_extra_file, inception_name
+from gan_dist.metrics.modes import mode_metrics
 from gan_dist.metrics.stats import (
     feature_statistics,
     frechet_distance,
@@ -53,14 +56,34 @@ def default_cache_dir() -> Path:
 
 
 def build_extractor(eval_cfg: EvalConfig, device: torch.device | str) -> FeatureExtractor:
-    """The extractor ``eval.extractor`` names, with weights from ``eval.extractor_path``."""
-    if eval_cfg.extractor_path is None:
-        hint = ("the pt_inception-2015-12-05-6726825d.pth file" if eval_cfg.extractor == "inception"
-                else "a classifier file from train_classifier")
-        raise ValueError(f"eval.extractor_path must point at {hint}; see docs/evaluation.md")
+    """The extractor ``eval.extractor`` names, with weights from ``eval.extractor_path`` (Inception without a
+    path: the ``[fid]`` extra's, checksum-verified)."""
     if eval_cfg.extractor == "inception":
         return InceptionExtractor(eval_cfg.extractor_path, device)
-    return ClassifierExtractor(eval_cfg.extractor_path, device)
+    return ClassifierExtractor(_classifier_file(eval_cfg), device)
+
+
+def _classifier_file(eval_cfg: EvalConfig) -> str:
+    if eval_cfg.extractor_path is None:
+        raise ValueError("eval.extractor_path must point at a classifier file from train_classifier; "
+                         "see docs/evaluation.md")  # fmt: skip
+    return eval_cfg.extractor_path
+
+
+def extractor_identity(eval_cfg: EvalConfig) -> str:
+    """The ``name`` (network + weights sha256, shortened) of the extractor ``build_extractor`` gives, without
+    building it: what run records say produced their numbers, so that only like is compared with like."""
+    if eval_cfg.extractor == "inception":
+        if eval_cfg.extractor_path is None:
+            fid_extra_file()  # the same error as build_extractor's when the extra is missing
+        return inception_name(eval_cfg.extractor_path)
+    return f"classifier/{file_sha256(Path(_classifier_file(eval_cfg)).expanduser())[:16]}"  # as ClassifierExtractor
+
+
+def build_mode_classifier(eval_cfg: EvalConfig, device: torch.device | str) -> ClassifierExtractor | None:
+    """The classifier ``eval.mode_classifier`` names; None when unset (a classifier extractor then names the
+    modes itself)."""
+    return ClassifierExtractor(eval_cfg.mode_classifier, device) if eval_cfg.mode_classifier else None
 
 
 def _batches(pairs: Iterable[tuple[torch.Tensor, int | None]], batch_size: int) -> Iterator[torch.Tensor]:
@@ -261,6 +284,33 @@ def class_metrics(real: RealStats, fake: torch.Tensor, fake_logits: torch.Tensor
     return metrics
 
 
+def _mode_namer(extractor: FeatureExtractor, mode_classifier: ClassifierExtractor | None,
+                mode_counts: list[int] | None) -> ClassifierExtractor | None:
+    """The classifier that names each fake's mode: ``mode_classifier``, else the extractor when it classifies
+    the data's classes; None for an unlabelled dataset."""
+    if not mode_counts:
+        return None
+    if mode_classifier is not None:
+        if mode_classifier.num_classes != len(mode_counts):
+            raise ValueError(f"eval.mode_classifier tells {mode_classifier.num_classes} classes, the dataset has "
+                             f"{len(mode_counts)}: train it on this dataset (docs/evaluation.md)")
+        return mode_classifier
+    if isinstance(extractor, ClassifierExtractor):
+        if extractor.num_classes == len(mode_counts):
+            return extractor
+        log.warning("no mode metrics: the classifier extractor tells %d classes, the dataset has %d",
+                    extractor.num_classes, len(mode_counts))
+    return None
+
+
+def _predict_modes(batches: Iterable[torch.Tensor], classifier: ClassifierExtractor, out: list[torch.Tensor]
+                   ) -> Iterator[torch.Tensor]:
+    """``batches`` passed on unchanged; each one's predicted classes are appended to ``out`` on the way."""
+    for batch in batches:
+        out.append(classifier(batch)[1].argmax(1))
+        yield batch
+
+
 def compute_metrics(real: RealStats, fake: torch.Tensor, fake_logits: torch.Tensor | None, seed: int = 0
                     ) -> dict[str, float]:
     """FID, KID (mean/std), precision/recall and, with logits, IS (mean/std) of fakes against ``real``.
@@ -293,10 +343,14 @@ def evaluate_generator_distributed(
     seed: int,
     progress: bool = False,
     class_counts: list[int] | None = None,
+    mode_counts: list[int] | None = None,
+    mode_classifier: ClassifierExtractor | None = None,
 ) -> dict[str, float] | None:
     """Metrics of ``num_images`` fakes on rank 0 (None elsewhere); every rank must call it. A conditional
     generator gets ``class_counts`` (the dataset's, from its manifest): fakes are drawn for classes
-    distributed as those, and the class metrics join the rest.
+    distributed as those, and the class metrics join the rest. ``mode_counts`` (a labelled dataset's class
+    counts, for any generator) add ``modes`` and ``mode_kl`` (:mod:`gan_dist.metrics.modes`), the modes named
+    by ``mode_classifier``, else by the extractor when it is a classifier of those classes.
 
     All ranks draw the same z matrix (and labels) and each takes a contiguous slice, so the fakes, and hence
     the metrics, do not depend on the number of workers.
@@ -306,12 +360,19 @@ def evaluate_generator_distributed(
     z = torch.randn(num_images, z_dim, generator=torch.Generator().manual_seed(seed))
     labels = fake_labels(class_counts, num_images, seed) if class_counts else None
     share = slice(num_images * rank // world, num_images * (rank + 1) // world)
+    namer, modes = _mode_namer(extractor, mode_classifier, mode_counts), []
     bar = tqdm(total=share.stop - share.start, desc="fake features", unit="img", disable=not progress)
     with bar:
         batches = _fake_batches(g_ema, z[share], labels[share] if labels is not None else None, batch_size, device)
+        if namer is not None and namer is not extractor:
+            batches = _predict_modes(batches, namer, modes)
         features, logits = extract_features(extractor, batches, device, bar)
+    if namer is extractor and logits is not None:  # None: this rank's share was empty
+        modes = [logits.argmax(1)]
     features = gather_to_rank0(features)
     logits = gather_to_rank0(logits) if logits is not None else None
+    own = torch.cat(modes) if modes else torch.empty(0, dtype=torch.long, device=device)
+    predicted = gather_to_rank0(own) if namer is not None else None
     if features is None:
         return None
     if real_stats is None:
@@ -319,4 +380,6 @@ def evaluate_generator_distributed(
     metrics = compute_metrics(real_stats, features, logits, seed)
     if labels is not None:
         metrics.update(class_metrics(real_stats, features, logits, labels, isinstance(extractor, ClassifierExtractor)))
+    if predicted is not None:
+        metrics.update(mode_metrics(predicted, mode_counts))
     return metrics

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from torch import nn
 
-from gan_dist.models import dcgan, mlp, resnet, stylegan2, stylegan2_d
+from gan_dist.models import dcgan, mlp, r3gan, resnet, stylegan2, stylegan2_d
 from gan_dist.models.base import ModelSection
 
 _Builder = Callable[..., nn.Module]  # (model config, resolution, channels[, classify]) -> net
@@ -59,6 +59,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dcgan": _classic(dcgan),
     "resnet": _classic(resnet),
     "stylegan2": _stylegan2(),
+    "r3gan": Architecture(r3gan.Config, r3gan.generator, r3gan.discriminator, auxiliary_classifier=False),
 }
 
 

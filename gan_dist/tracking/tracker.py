@@ -9,6 +9,7 @@ artifacts are dropped and counted (tag ``gan_dist.tracking_dropped``); one warni
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -24,12 +25,15 @@ from typing import Any, Protocol
 import mlflow
 from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.time import get_current_time_millis
 from PIL import Image
 
 from gan_dist.config import GanConfig
 from gan_dist.data.manifest import Manifest, read_manifest
 from gan_dist.data.shards import dataset_base
+from gan_dist.metrics.runner import extractor_identity
+from gan_dist.tracking.experiment import experiment_id, mlflow_run_name
 from gan_dist.tracking.redact import redact, redact_uri
 from gan_dist.tracking.info import HTTP_LIMITS, RUN_NAME_TAG, cluster_params, run_params, run_tags
 from gan_dist.tracking.model import log_generator_model
@@ -37,8 +41,7 @@ from gan_dist.tracking.model import log_generator_model
 log = logging.getLogger(__name__)
 
 DROPPED_TAG = "gan_dist.tracking_dropped"
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI lays a "model training" experiment out for runs, not GenAI
-EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (its default is GenAI)
+EXTRACTOR_TAG = "gan_dist.extractor"  # the network + weights behind the quality/* metrics (FID of like with like)
 
 RETRY_INTERVAL_S = 5.0  # after a failure, at most one attempt per interval; other jobs are skipped meanwhile
 MAX_PENDING_METRICS = 50_000  # metric points kept for catch-up (~10 MB); the oldest are dropped beyond it
@@ -49,13 +52,6 @@ _THREAD_NAME = "gan_dist-mlflow"
 logging.getLogger("urllib3.connectionpool").addFilter(lambda record: record.threadName != _THREAD_NAME)
 # The generator takes latent vectors, documented in its model signature; MLflow would warn on every logged model.
 warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
-
-
-
-def _sqlite_artifact_root(uri: str) -> str | None:
-    """MLflow's default for sqlite (./mlruns of the current dir) is a Ray worker's temp dir."""
-    prefix = "sqlite:///"
-    return (Path(uri[len(prefix) :]).parent / "mlartifacts").as_uri() if uri.startswith(prefix) else None
 
 
 def _rejected(exc: BaseException) -> bool:
@@ -90,6 +86,7 @@ class _Job:
 class Tracker(Protocol):
     run_id: str | None
     experiment_id: str | None
+    latest: dict[str, float]  # the last value logged of each metric (rank 0), reported with every checkpoint
 
     def log_cluster(self, world_size: int, num_nodes: int, gpus: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -104,6 +101,7 @@ class NullTracker:
 
     run_id: str | None = None
     experiment_id: str | None = None
+    latest: dict[str, float] = {}  # never filled
 
     def log_cluster(self, world_size: int, num_nodes: int, gpus: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -138,7 +136,14 @@ class MlflowTracker:
         self._config = redact(cfg.model_dump(mode="json"))
         self._manifest = self._read_manifest()
         self._params = run_params(self._config)
-        self._tags = run_tags(cfg, self._manifest)
+        self._name = mlflow_run_name(self._config)
+        self._tags = {**run_tags(cfg, self._manifest), RUN_NAME_TAG: self._name}
+        if cfg.tracking.parent_run_id:  # the UI nests the run under its parent (a sweep's)
+            self._tags[MLFLOW_PARENT_RUN_ID] = cfg.tracking.parent_run_id
+        self.latest: dict[str, float] = {}
+        if cfg.eval.every:  # a tag, not a param: a resumed run may score with other weights from then on
+            with contextlib.suppress(OSError, ValueError):  # no weights: building the extractor fails next, saying why
+                self._tags[EXTRACTOR_TAG] = extractor_identity(cfg.eval)
         self._system_metrics, self._monitor = cfg.tracking.system_metrics, None
         self._lock = threading.Lock()
         self._pending: list[Metric] = []
@@ -164,6 +169,7 @@ class MlflowTracker:
         if self._closed:
             return
         now = get_current_time_millis()
+        self.latest.update({key: float(value) for key, value in metrics.items()})
         self._keep([Metric(key, float(value), now, step) for key, value in metrics.items()])
         self._submit(self._send_metrics)
 
@@ -328,7 +334,7 @@ class MlflowTracker:
 
     def _open_run(self) -> bool:
         """Sets run_id and experiment id; True if the run was created here."""
-        client, name = self._client, self._cfg.run.name
+        client, name = self._client, self._name
         if self.run_id is not None:
             try:
                 run = client.get_run(self.run_id)
@@ -339,20 +345,12 @@ class MlflowTracker:
             else:
                 if run.info.lifecycle_stage == "active":
                     return self._continue(run)
-        experiment = client.get_experiment_by_name(self._cfg.tracking.experiment)
-        if experiment is None:  # racing another run to create it fails this attempt; the next finds it
-            root = _sqlite_artifact_root(self._cfg.tracking.uri)
-            exp_id = client.create_experiment(
-                self._cfg.tracking.experiment, root, {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-            )
-        else:
-            exp_id = experiment.experiment_id
-            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made elsewhere: the UI would open it as GenAI
-                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        exp_id = experiment_id(client, self._cfg)
         found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
         if found:
             return self._continue(found[0])
-        self.run_id = client.create_run(exp_id, run_name=name, tags={RUN_NAME_TAG: name}).info.run_id
+        tags = {k: v for k, v in self._tags.items() if k in (RUN_NAME_TAG, MLFLOW_PARENT_RUN_ID)}
+        self.run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         self.experiment_id = exp_id
         return True
 

@@ -25,9 +25,10 @@ from gan_dist.data.plan import DataPosition, rank_batch
 from gan_dist.metrics.runner import build_extractor, real_statistics
 from gan_dist.models.io import read_state
 from gan_dist.storage import pyarrow_filesystem
+from gan_dist.tracking.experiment import mlflow_run_name
 from gan_dist.tracking.tracker import MlflowTracker, NullTracker, Tracker
 from gan_dist.train.checkpoint import restore_modules, restore_weights, seed_rank_streams, training_state
-from gan_dist.train.modules import build_modules
+from gan_dist.train.modules import GanModules, build_modules
 from gan_dist.train.phases import (
     Evaluation,
     checkpoint_on_request,
@@ -46,7 +47,8 @@ from gan_dist.train.phases import (
 )
 from gan_dist.train.progress import ProgressChannel, progress_logger  # gan_dist console: rank 0 -> driver
 from gan_dist.train.stop import StopWatch
-from gan_dist.train.step import DiscriminatorBatch, GeneratorBatch, discriminator_step, generator_step
+from gan_dist.train.schedules import apply_to_modules, config_at
+from gan_dist.train.step import DiscriminatorBatch, discriminator_step, generator_step
 
 CHAOS_ENV = "GAN_DIST_CHAOS_FILE"
 
@@ -89,8 +91,10 @@ def train_step(w: Worker) -> None:
     """``n_critic`` D steps, each on the next real batch, then one G step; every step's terms to the window.
 
     A conditional model draws its fakes for the classes of the real batch (so fakes follow the data's class
-    distribution); the G step reuses the last real batch's classes."""
-    cfg, batch = w.cfg, rank_batch(w.cfg.train.batch_size, w.world, w.rank)
+    distribution); the G step reuses the last real batch's classes (and, for a relativistic loss, its images).
+    Scheduled knobs (``schedules.*``) take their values for this step first."""
+    cfg, batch = config_at(w.cfg, w.step), rank_batch(w.cfg.train.batch_size, w.world, w.rank)
+    apply_to_modules(w.m, w.cfg, w.step)
     labels = None
     for k in range(cfg.train.n_critic):
         fresh = w.data.position.batches == 0
@@ -107,13 +111,14 @@ def train_step(w: Worker) -> None:
         z = torch.randn(batch, cfg.model.z_dim, device=w.device, generator=w.noise)
         gp_eps = torch.rand(batch, device=w.device, generator=w.noise) if cfg.loss.name == "wgan-gp" else None
         index = w.step * cfg.train.n_critic + k
-        w.window.add(discriminator_step(w.m, cfg, DiscriminatorBatch(real, z, gp_eps, labels), index))
+        d_batch = DiscriminatorBatch(real, z, gp_eps, labels)
+        w.window.add(discriminator_step(w.m, cfg, d_batch, index))
         if cfg.data.audit:
             w.audit.append((w.step, w.data.keys))
         if w.m.ada is not None and (index + 1) % cfg.augment.interval == 0:
             w.augment_stats = w.m.ada.update(w.m.augment)  # one host sync per interval
     z = torch.randn(batch, cfg.model.z_dim, device=w.device, generator=w.noise)
-    w.window.add(generator_step(w.m, cfg, GeneratorBatch(z, labels), w.step))
+    w.window.add(generator_step(w.m, cfg, d_batch.then_generator(z), w.step))
     w.window.steps += 1
 
 
@@ -127,17 +132,21 @@ def start_worker(cfg: GanConfig) -> Worker:
     noise = torch.Generator(device=device)  # this rank's latents and mixing weights; seeded last, below
     step = skipped_before = 0
     run_id, position = None, DataPosition()
-    resumed, whole = _resume_state(cfg, device)
-    if resumed is not None and not whole:  # a fine-tune: the weights, on a fresh step count and data stream
+    resumed, source = _resume_state(cfg, device)
+    if source == "finetune":  # the weights, on a fresh step count and data stream
         restore_weights(m, resumed)
         resumed = None
     if resumed is not None:
+        configured = [[{k: g[k] for k in ("initial_lr", "betas", "eps")} for g in o.param_groups] for o in (m.opt_g, m.opt_d)]
         restore_modules(m, resumed)
+        if source == "continue":  # another run's state, under this run's optimizer settings (a PBT trial's own)
+            _use_configured_rates(m, configured)
         step, skipped_before = resumed["step"], resumed["data_skipped"]
         # A checkpoint from before data positions existed continues the stream at its batch count.
         position = DataPosition.from_state(resumed.get("data_position", {"batches": resumed["data_batches"],
                                                                          "layouts": []}))  # fmt: skip
-        if resumed["config"]["run"]["name"] == cfg.run.name:  # continuing into a new name opens a new run
+        # Continuing into another MLflow run (a new run name, a sweep trial taking over another's state) opens it.
+        if mlflow_run_name(resumed["config"]) == mlflow_run_name(cfg.model_dump(mode="json")):
             run_id = resumed["mlflow_run_id"]
     data = build_loader(cfg, rank, world, position)
     tracker = _open_tracker(cfg, rank, world, run_id, step)
@@ -147,7 +156,7 @@ def start_worker(cfg: GanConfig) -> Worker:
     evaluation = _start_evaluation(cfg, rank, world, device)
     # Last, because setting up tracking, evaluation and data may draw from the global RNG.
     seed_rank_streams(noise, cfg.train.seed, rank, world, step, resumed["rng"] if resumed is not None else None)
-    return Worker(
+    w = Worker(
         cfg=cfg, rank=rank, world=world, device=device, m=m, noise=noise, tracker=tracker, data=data,
         stop=StopWatch(rank, world, cfg.train.preempt_grace_s, user_stop=progress.stop_requested), progress=progress,
         fixed_z=fixed_z.to(device),
@@ -156,21 +165,39 @@ def start_worker(cfg: GanConfig) -> Worker:
         last_good=host_copy(resumed or {"step": 0, **training_state(m)}),
         step=step, skipped_before=skipped_before, attempt=all_gather(time.time_ns() // 10**6, world)[0],
     )  # fmt: skip
+    if source == "continue":  # another run's whole state: this run's first checkpoint is the state it took over
+        maybe_checkpoint(w, now=True)
+    return w
 
 
-def _resume_state(cfg: GanConfig, device: torch.device) -> tuple[dict[str, Any] | None, bool]:
-    """The state to start from, and whether to take all of it: Ray's latest checkpoint of this run (a restart
-    or a same-name rerun: all of it), else ``checkpoint.resume_from`` (all of it with resume_mode=continue,
-    the weights only with finetune)."""
-    checkpoint, whole = ray.train.get_checkpoint(), True
+def _resume_state(cfg: GanConfig, device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
+    """The state to start from and what to take of it: Ray's latest checkpoint of this run (a restart or a
+    same-name rerun: "run", all of it), else ``checkpoint.resume_from`` (its ``resume_mode``: "continue", all of it,
+    or "finetune", the weights only)."""
+    checkpoint, source = ray.train.get_checkpoint(), "run"
     if checkpoint is None and cfg.checkpoint.resume_from:
         fs, path = pyarrow_filesystem(cfg.checkpoint.resume_from, cfg.storage)
         checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
-        whole = cfg.checkpoint.resume_mode == "continue"
+        source = cfg.checkpoint.resume_mode
     if checkpoint is None:
-        return None, whole
+        return None, None
     with checkpoint.as_directory() as ckpt_dir:
-        return read_state(ckpt_dir, map_location=device), whole
+        return read_state(ckpt_dir, map_location=device), source
+
+
+def _use_configured_rates(m: GanModules, configured: list[list[dict[str, Any]]]) -> None:
+    """After restoring a state: the Adam moments and the schedules' positions stay, the base learning rates, betas
+    and eps become ``configured`` (the fresh optimizers'). Every schedule here is the base rate times a function
+    of the step, so scaling the current rate (and the schedules' bases) by new / old base puts it where this
+    run's schedule has it at this step."""
+    for optimizer, schedule, groups in ((m.opt_g, m.sched_g, configured[0]), (m.opt_d, m.sched_d, configured[1])):
+        ratios = [want["initial_lr"] / group["initial_lr"] for group, want in zip(optimizer.param_groups, groups)]
+        for group, want, ratio in zip(optimizer.param_groups, groups, ratios):
+            group.update(want, lr=group["lr"] * ratio)
+        for part in getattr(schedule, "_schedulers", [schedule]):  # SequentialLR: the warm-up and the main one
+            part.base_lrs = [lr * ratio for lr, ratio in zip(part.base_lrs, ratios)]
+            if hasattr(part, "eta_min"):  # cosine's floor: base x min_ratio
+                part.eta_min *= ratios[0]
 
 
 def _open_tracker(cfg: GanConfig, rank: int, world: int, run_id: str | None, step: int) -> Tracker:
@@ -187,11 +214,11 @@ def _open_tracker(cfg: GanConfig, rank: int, world: int, run_id: str | None, ste
 
 def _start_evaluation(cfg: GanConfig, rank: int, world: int, device: torch.device) -> Evaluation | None:
     """The feature extractor and (on rank 0) the real-data statistics, computed sharded by every rank once
-    and cached in the run's storage."""
+    and cached in the checkpoint storage, for every run there (a sweep's trials share its root's)."""
     if not cfg.eval.every:
         return None
     extractor = build_extractor(cfg.eval, device)
-    cache = storage.join(storage.join(cfg.checkpoint.storage, cfg.run.name), "eval-cache")
+    cache = storage.join(cfg.checkpoint.storage, "eval-cache")  # keyed by data, extractor and count: shareable
     real_stats = real_statistics(
         cfg.data.url, cfg.storage, extractor, cfg.data.resolution, cfg.data.channels, cfg.eval.num_images,
         cache, cfg.eval.batch_size, rank, world, device, per_class=cfg.eval.per_class if cfg.model.conditional else 0,

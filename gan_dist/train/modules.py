@@ -77,7 +77,8 @@ def lazy_ratio(cfg: GanConfig, net: str) -> float:
     is lazy (path length for G, R1 for D, every k > 1 steps) with ``optim.lazy_reg_scaling``, else 1; Adam's
     lr is multiplied by it and each beta raised to it. StyleGAN2-ADA needs it because its penalties take
     optimizer steps of their own; here a due penalty joins the step's loss, so it is off by default."""
-    every, weight = (cfg.loss.pl_every, cfg.loss.pl_weight) if net == "g" else (cfg.loss.r1_every, cfg.loss.r1_gamma)
+    d_penalized = cfg.loss.r1_gamma or cfg.loss.r2_gamma or cfg.schedules.r1_gamma or cfg.schedules.r2_gamma
+    every, weight = (cfg.loss.pl_every, cfg.loss.pl_weight) if net == "g" else (cfg.loss.r1_every, d_penalized)
     if not (cfg.optim.lazy_reg_scaling and hasattr(cfg.model, "mapping_layers") and weight and every > 1):
         return 1.0
     return every / (every + 1)
@@ -118,7 +119,7 @@ def build_modules(cfg: GanConfig, device: torch.device) -> GanModules:
         augment = augment.to(device)
         if aug.kind == "ada" and aug.p is not None:
             augment.p.fill_(aug.p)
-    adaptive = aug.kind == "ada" and aug.p is None
+    adaptive = aug.kind == "ada" and aug.p is None and cfg.schedules.augment_p is None
     return GanModules(
         g=g,
         d=d,

@@ -26,7 +26,8 @@ from gan_dist.config import GanConfig
 from gan_dist.data.images import image_grid, labelled_rows, to_uint8
 from gan_dist.data.loader import BatchIterator
 from gan_dist.metrics.extractors import FeatureExtractor
-from gan_dist.metrics.runner import RealStats, evaluate_generator_distributed
+from gan_dist.metrics.classifier import ClassifierExtractor
+from gan_dist.metrics.runner import RealStats, build_mode_classifier, evaluate_generator_distributed
 from gan_dist.models.io import export_generator
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.tracking.redact import redact
@@ -34,6 +35,7 @@ from gan_dist.tracking.tracker import Tracker
 from gan_dist.train.checkpoint import capture_rng, restore_modules, save_checkpoint, training_state
 from gan_dist.train.modules import GanModules, parameter_digest
 from gan_dist.train.progress import ProgressChannel, progress_logger  # gan_dist console: rank 0 -> driver
+from gan_dist.train.schedules import scheduled_values
 from gan_dist.train.step import Terms, standing_statistics
 from gan_dist.train.stop import PREEMPTED, STOPPED, Preempted, StopWatch
 
@@ -106,6 +108,7 @@ class Window:
 class Evaluation:
     extractor: FeatureExtractor
     real_stats: RealStats | None  # rank 0 only
+    mode_classifier: ClassifierExtractor | None = None  # eval.mode_classifier, loaded at the first evaluation
 
 
 @dataclass
@@ -189,6 +192,8 @@ def maybe_log(w: Worker, metrics: dict[str, float] | None) -> None:
     metrics["optim/lr_g"] = w.m.opt_g.param_groups[0]["lr"]
     metrics["optim/lr_d"] = w.m.opt_d.param_groups[0]["lr"]
     metrics["optim/nan_rollbacks"] = w.rollbacks
+    # the values the window's last step trained with (step w.step - 1), like the learning rates above
+    metrics.update({f"schedules/{name}": value for name, value in scheduled_values(cfg, w.step - 1).items()})
     metrics["throughput/world_size"] = w.world  # an elastic run shows here when it shrank and grew
     metrics.update(w.augment_stats)
     if w.device.type == "cuda":
@@ -232,14 +237,17 @@ def maybe_sample(w: Worker) -> None:
 
 
 def maybe_evaluate(w: Worker) -> None:
-    """FID/KID/IS of the EMA generator, sharded over every rank, every ``eval.every`` steps."""
-    cfg = w.cfg
-    if w.evaluation is None or not w.due(cfg.eval.every):
+    """FID/KID/IS (and, on a labelled dataset, mode coverage) of the EMA generator, sharded over every rank,
+    every ``eval.every`` steps."""
+    cfg, ev = w.cfg, w.evaluation
+    if ev is None or not w.due(cfg.eval.every):
         return
+    ev.mode_classifier = ev.mode_classifier or build_mode_classifier(cfg.eval, w.device)
     scores = evaluate_generator_distributed(
-        ready_ema(w), cfg.model.z_dim, w.evaluation.extractor, w.evaluation.real_stats, cfg.eval.num_images,
+        ready_ema(w), cfg.model.z_dim, ev.extractor, ev.real_stats, cfg.eval.num_images,
         cfg.eval.batch_size, w.rank, w.world, w.device, seed=cfg.train.seed,
         class_counts=w.class_counts if cfg.model.conditional else None,
+        mode_counts=w.class_counts or None, mode_classifier=ev.mode_classifier,
     )  # fmt: skip
     if scores is not None:  # rank 0
         w.tracker.log_metrics({f"quality/{k}": v for k, v in scores.items()}, step=w.step)
@@ -275,6 +283,8 @@ def write_audit(w: Worker) -> None:
     """``data.audit``: this rank's sample keys since its last checkpoint, by step, next to the checkpoints. The
     name carries the attempt (its start, in ms): steps an attempt trained past the checkpoint a restart resumed
     from appear again in the next attempt's files, and the run kept the later ones."""
+    if not w.audit:  # a checkpoint before any step (a continued or PBT-taken-over run) has nothing to record
+        return
     name = f"audit/attempt-{w.attempt}-rank{w.rank:03d}-steps-{w.audit[0][0]:09d}-{w.step:09d}.json"
     storage.write_bytes(storage.join(run_root(w.cfg), name), json.dumps(w.audit).encode(), w.cfg.storage)
     w.audit = []
@@ -324,6 +334,7 @@ def report_checkpoint(state: dict[str, Any], w: Worker, sync: bool = False) -> N
         "param_digests": digests,
         "data_skipped": state["data_skipped"],
         "mlflow_run_id": state["mlflow_run_id"] or "",
+        **w.tracker.latest,  # rank 0's latest value of every metric it logged: a sweep compares trials by one
     }
     if w.rank != 0:
         ray.train.report(metrics)

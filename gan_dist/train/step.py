@@ -5,14 +5,15 @@ trains through its DDP wrapper and calls the other one's bare module:
 
 - D step: fakes come from the bare G under ``no_grad`` (no G graph, no G all-reduce); D runs through DDP.
 - G step: D's parameters are frozen and D is called bare, so D gets no gradient, no all-reduce and no
-  update; only G's gradients are averaged across ranks.
+  update; only G's gradients are averaged across ranks. A relativistic loss (rpgan) also shows D the D step's
+  real images there, each fake judged against one.
 
 A step may run as micro-batches (``train.accumulate``, ``train.micro_batch``): gradients of every micro-batch
 add up (each loss weighted by its share) and DDP reduces once, on the last (``no_sync`` on the others), so
 accumulating k x B/k equals one step of B. Every rank runs the same number of micro-batches, even when the
 global batch splits unevenly, so every rank issues the same collectives in the same order: per step, DDP's
 gradient buckets for the network trained, plus (G step of a style-based G) one all-reduce that carries both
-the mean style and the path lengths. Penalties (WGAN-GP, R1, path length) are computed in float32 outside
+the mean style and the path lengths. Penalties (WGAN-GP, R1, R2, path length) are computed in float32 outside
 autocast and go through the same ``backward()`` as the adversarial loss. Every returned term is a detached
 tensor: nothing here waits for the device.
 """
@@ -32,7 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from gan_dist.config import GanConfig
-from gan_dist.losses import discriminator_loss, generator_loss, gradient_penalty, path_lengths, r1_penalty
+from gan_dist.losses import RELATIVISTIC, discriminator_loss, generator_loss, gradient_penalty, path_lengths
+from gan_dist.losses import zero_centred_penalty
 from gan_dist.train.modules import GanModules, bare
 
 # Losses whose D output is a logit of "real": report D(x) as a probability, as the seeds do.
@@ -59,11 +61,17 @@ class DiscriminatorBatch:
     def split(self, parts: int) -> list[DiscriminatorBatch]:
         return _split(self, parts)
 
+    def then_generator(self, z: Tensor) -> GeneratorBatch:
+        """The G step after this D step: latents ``z`` for this batch's classes, judged (with a relativistic
+        loss) against this batch's real images."""
+        return GeneratorBatch(z, self.labels, self.real)
+
 
 @dataclass
 class GeneratorBatch:
     z: Tensor
     labels: Tensor | None = None  # the classes to draw (a conditional model)
+    real: Tensor | None = None  # a relativistic loss pairs each fake with one of these (as many as z)
 
     def split(self, parts: int) -> list[GeneratorBatch]:
         return _split(self, parts)
@@ -125,7 +133,7 @@ def _score_mean(logits: Tensor, loss_name: str) -> Tensor:
 def discriminator_step(m: GanModules, cfg: GanConfig, batch: DiscriminatorBatch, index: int) -> Terms:
     """One D update (``index``: D steps so far, for lazy R1). Returns detached terms (no host sync)."""
     device, loss = batch.real.device, cfg.loss
-    r1_due = bool(loss.r1_gamma) and index % loss.r1_every == 0
+    lazy_due = index % loss.r1_every == 0  # R1 and R2 share the lazy interval
     judge, penalized = _through_augment(m, m.d_fast), _through_augment(m, m.d)
     parts = batch.split(cfg.micro_batches(_world()))
     weights = _loss_weights(parts, len(batch.z), cfg.train.batch_size)
@@ -150,10 +158,11 @@ def discriminator_step(m: GanModules, cfg: GanConfig, batch: DiscriminatorBatch,
                 gp = gradient_penalty(critic, part.real, fake.float(), part.gp_eps)
                 total = total + loss.gp_weight * gp
                 _add(terms, "losses/d_gp", gp, share)
-            if r1_due:  # lazy R1 (StyleGAN2): every k D steps, weight scaled by k
-                r1 = r1_penalty(critic, part.real)
-                total = total + (loss.r1_gamma / 2) * loss.r1_every * r1
-                _add(terms, "losses/d_r1", r1, share)
+            for key, gamma, images in (("d_r1", loss.r1_gamma, part.real), ("d_r2", loss.r2_gamma, fake)):
+                if gamma and lazy_due:  # lazy (StyleGAN2): every k D steps, weight scaled by k
+                    penalty = zero_centred_penalty(critic, images)
+                    total = total + (gamma / 2) * loss.r1_every * penalty
+                    _add(terms, f"losses/{key}", penalty, share)
             m.scaler_d.scale(total * scale).backward()
         _add(terms, "losses/d_adv", adv, share)
         _add(terms, "losses/d", total, share)
@@ -173,6 +182,10 @@ def discriminator_step(m: GanModules, cfg: GanConfig, batch: DiscriminatorBatch,
 def generator_step(m: GanModules, cfg: GanConfig, batch: GeneratorBatch, step: int) -> Terms:
     """One G update through a frozen, bare D; then the EMA generator (and the mean style) follow."""
     device, loss = batch.z.device, cfg.loss
+    relativistic = loss.name in RELATIVISTIC
+    if relativistic and (batch.real is None or len(batch.real) != len(batch.z)):
+        raise ValueError(f"loss '{loss.name}' judges each fake against a real image: the G step needs as many real "
+                         "images as latents (DiscriminatorBatch.then_generator)")
     pl_due = m.pl_mean is not None and step % loss.pl_every == 0
     d_bare = bare(m.d)
     judge = _through_augment(m, d_bare)
@@ -188,7 +201,9 @@ def generator_step(m: GanModules, cfg: GanConfig, batch: GeneratorBatch, step: i
                 with autocast_context(cfg, device):
                     images, ws = _generate(m.g_fast, part.z, part.labels, cfg)
                     fake_logits, fake_classes = _logits(judge(images, part.labels))
-                    adv = generator_loss(loss.name, fake_logits.float())
+                    # a relativistic loss: D's (frozen) verdict on this step's reals, the fakes' pairs
+                    real_logits = _logits(judge(part.real, part.labels))[0] if relativistic else None
+                    adv = generator_loss(loss.name, fake_logits, real_logits)
                 total = adv
                 if fake_classes is not None:
                     ac = _classification(fake_classes, part.labels)
