@@ -96,7 +96,9 @@ def main() -> None:
 
     best = sweep.best
     at_best_steps = min(shipped_fid, key=lambda p: abs(p[0] - best.step))
-    rows = [{"trial": r.name, "state": r.state, "steps": r.step, "fid": r.value, **r.params} for r in sweep.rows]
+    rows = [{"trial": r.name, "state": r.state, "steps": r.step, "fid": r.value,
+             **{k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in r.params.items()}}
+            for r in sweep.rows]  # fmt: skip
     rows.sort(key=lambda r: r["fid"])
     keys = list(plan.params)
     outcome: dict[str, Any] = {

@@ -244,7 +244,7 @@ def run_training(
     # The tracking store is opened (a new sqlite store created) while Ray and the worker group start: off the
     # way to the first step; a store that fails ends the run before rank 0 needs it.
     # Niceness 19: Ray starts its workers at 15; on a machine with few cores this thread must not delay them.
-    prepared = _in_background(lambda: _prepare(cfg), nice=19)
+    prepared = in_background(lambda: prepare_run(cfg), nice=19)
     phase("starting a local Ray instance" if address is None and not os.environ.get("RAY_ADDRESS") else "joining the cluster")
     owns_ray = connect(address)
     try:
@@ -255,13 +255,13 @@ def run_training(
         except ray.train.TrainingFailedError as exc:
             exc.gan_dist_log = _failure_log(cfg, exc)  # type: ignore[attr-defined]
             raise
-        return _outcome(cfg, result, prepared.result())
+        return training_outcome(cfg, result, prepared.result())
     finally:
         if owns_ray and watcher is not None:
             ray.shutdown()  # now: Ray's controller would otherwise go on logging its own shutdown under our summary
 
 
-def _prepare(cfg: GanConfig) -> str:
+def prepare_run(cfg: GanConfig) -> str:
     """Off the main thread: reach the tracking store once (RunError if it fails) and clear an earlier attempt's
     stop marker; returns the marker's URL."""
     from gan_dist.tracking.info import open_store
@@ -284,7 +284,8 @@ def _fit_prepared(trainer: TorchTrainer, prepared: Future) -> Any:
     return trainer.fit()
 
 
-def _outcome(cfg: GanConfig, result: Any, marker: str) -> TrainingOutcome:
+def training_outcome(cfg: GanConfig, result: Any, marker: str) -> TrainingOutcome:
+    """What a finished ``fit()`` of this run did (its stop marker says whether a user or a sweep stopped it)."""
     from gan_dist.train.phases import NonFiniteLoss
 
     stopped = json.loads(storage.read_bytes(marker, cfg.storage)) if storage.exists(marker, cfg.storage) else {}
@@ -302,7 +303,7 @@ def _outcome(cfg: GanConfig, result: Any, marker: str) -> TrainingOutcome:
     )
 
 
-def _in_background(fn: Callable[[], Any], nice: int = 0) -> Future:
+def in_background(fn: Callable[[], Any], nice: int = 0) -> Future:
     """``fn()`` on a thread; ``nice``: its Linux scheduling niceness (higher: it only takes idle CPU)."""
     done: Future = Future()
 
@@ -326,7 +327,7 @@ def _fit_watched(trainer: TorchTrainer, cfg: GanConfig, watcher: Watcher, prepar
     except ValueError:
         raise RunError("run already training", f"'{cfg.run.name}' has a driver on this cluster already",
                        "wait for it, stop it, or give this run another run.name") from None
-    fitted = _in_background(trainer.fit)
+    fitted = in_background(trainer.fit)
     with _two_stage_ctrl_c() as stop:
         while True:
             try:

@@ -35,6 +35,14 @@ class SchedulesConfig(Section):
     augment_p: RampConfig | None = Field(None, description="augment.kind=ada: a scheduled p instead of adapting it")
 
 
+# Keys a ramp makes idle: the ramp sets the value at every step in their place (or, augment_p, ends ADA's
+# adaptation that the augment keys steer); a value given there is not used while the ramp is set.
+REPLACED_KEYS = {"loss.r1_gamma": "r1_gamma", "loss.r2_gamma": "r2_gamma", "optim.g_lr": "g_lr",
+                 "optim.d_lr": "d_lr", "train.ema_kimg": "ema_kimg", "train.ema_decay": "ema_kimg",
+                 "augment.p": "augment_p", "augment.target": "augment_p", "augment.speed_kimg": "augment_p",
+                 "augment.interval": "augment_p"}  # fmt: skip (a scheduled p also ends ADA's adaptation)
+
+
 def ramp_value(ramp: RampConfig, images: float) -> float:
     """The ramp's value after ``images`` images: ``start`` at 0, ``end`` from ``kimg`` thousand on; in between
     along half a cosine (R3GAN's schedules) or a straight line."""

@@ -8,6 +8,7 @@ the environment; tests pass it explicitly (``storage.endpoint_url``) or use the 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
@@ -122,12 +124,26 @@ class S3Server:
                 raise RuntimeError(f"weed mini exited early (code {self._proc.poll()}); log: {self._log}")
             try:
                 client.list_buckets()
-                return
+                ready = self._volumes_registered()
             except Exception:  # not listening yet, or filer/S3 still starting: poll again
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"S3 API at {self.endpoint_url} not up after {timeout:.0f}s; log: {self._log}")
-                time.sleep(0.2)
+                ready = False
+            if ready:
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"S3 API at {self.endpoint_url} not up after {timeout:.0f}s; log: {self._log}")
+            time.sleep(0.2)
+
+    def _volumes_registered(self) -> bool:
+        """Whether the master knows every volume on disk. After a restart the S3 API answers before the volume
+        server has reported its volumes: a GET of an object stored before then fails with "volume N not found"."""
+        master = f"http://127.0.0.1:{self._ports['master'][0]}"
+        for dat in (self.root / "data").glob("*.dat"):
+            volume_id = dat.stem.rsplit("_", 1)[-1]
+            with urllib.request.urlopen(f"{master}/dir/lookup?volumeId={volume_id}", timeout=2) as reply:
+                if not json.load(reply).get("locations"):
+                    return False
+        return True
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server by its pid: SIGTERM, then SIGKILL if it has not exited after ``timeout``."""

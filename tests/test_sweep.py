@@ -165,13 +165,14 @@ def _state_digest(state: dict) -> str:
 
 @pytest.mark.ray
 def test_pbt_takeover_restores_the_donors_whole_state_and_logs_to_the_receivers_run(ray_session, digits_shards, tmp_path):
-    # 200 steps, perturbations every 40: the two trials train side by side through several of them, however far
-    # apart their starts are. Every checkpoint kept: the donor's, at the step it was taken, stays to compare.
-    job = _job(digits_shards, tmp_path, steps=200, every=20, checkpoint={"num_to_keep": None},
+    # Synchronous PBT: both trials wait for each other at step 40, where the one with the lower rate takes over the
+    # other's state (tiny runs started side by side need not overlap in time otherwise). Every checkpoint kept:
+    # the donor's, at the step it was taken, stays to compare.
+    job = _job(digits_shards, tmp_path, steps=80, every=20, checkpoint={"num_to_keep": None},
                augment={"kind": "ada", "speed_kimg": 2, "interval": 1})  # fmt: skip
     space = _space(tmp_path, {"optim.g_lr": {"loguniform": [1e-4, 1e-2]}},
                    {"kind": "pbt", "num_samples": 2, "max_concurrent": 2, "seed": 1,
-                    "pbt": {"perturbation_interval": 40, "quantile": 0.5, "resample_probability": 0.0}})  # fmt: skip
+                    "pbt": {"perturbation_interval": 40, "quantile": 0.5, "resample_probability": 0.0, "synch": True}})  # fmt: skip
     cfg, base, plan = prepare_sweep(job, ["run.name=pbt"], space)
     outcome = run_sweep(cfg, base, plan)
     assert outcome.complete
@@ -206,7 +207,11 @@ def test_pbt_takeover_restores_the_donors_whole_state_and_logs_to_the_receivers_
         ({"optim.g_lrr": {"choice": [1e-4]}}, {}, "optim.g_lrr"),  # not a config key
         ({"loss.r1_gamma": {"uniform": [-1.0, 1.0]}}, {}, "loss.r1_gamma"),  # one end of the range is invalid
         ({"optim.g_lr": {"loguniform": [0.0, 1e-3]}}, {}, "params.optim.g_lr"),
+        ({"model.g_width": {"uniform": [8, 32]}}, {}, "model.g_width"),  # draws floats: an int key takes choice
         ({"run.name": {"choice": ["x"]}}, {}, "params.run.name"),  # the sweep names its trials
+        ({"tracking": {"choice": [{"uri": "sqlite:///elsewhere.db"}]}}, {}, "params.tracking"),  # a whole section too
+        ({"optim.g_lr": {"choice": [1e-4]}}, {"kind": "pbt", "num_samples": 3, "max_concurrent": 2,
+                                              "pbt": {"perturbation_interval": 4, "synch": True}}, "search.pbt.synch"),
         ({"optim.g_lr": {"grid": [1e-4, 2e-4]}}, {"kind": "pbt", "pbt": {"perturbation_interval": 4}}, "params.optim.g_lr"),
         ({"optim.g_lr": {"choice": [1e-4]}}, {"kind": "pbt", "pbt": {"perturbation_interval": 3}},
          "search.pbt.perturbation_interval"),  # not at a checkpoint (every 2 steps)
@@ -218,6 +223,32 @@ def test_space_mistakes_are_refused_before_ray_starts_naming_the_key(digits_shar
     with pytest.raises(ConfigError) as caught:
         prepare_sweep(job, [], _space(tmp_path, params, search))
     assert caught.value.key == key, str(caught.value)
+
+
+def test_a_key_a_schedule_sets_is_refused_and_the_ramp_can_be_swept_instead(digits_shards, tmp_path):
+    ramp = {"start": 1e-3, "end": 1e-4, "kimg": 1}
+    job = _job(digits_shards, tmp_path, steps=12, every=2, schedules={"g_lr": ramp})
+    with pytest.raises(ConfigError, match="schedules.g_lr") as caught:  # every trial would train at the ramp's rates
+        prepare_sweep(job, [], _space(tmp_path, {"optim.g_lr": {"loguniform": [1e-4, 1e-3]}}, {}))
+    assert caught.value.key == "params.optim.g_lr"
+    _, _, plan = prepare_sweep(job, [], _space(tmp_path, {"schedules.g_lr.start": {"loguniform": [1e-4, 1e-3]},
+                                                          "optim.d_lr": {"choice": [1e-4]}}, {}))  # fmt: skip
+    assert set(plan.params) == {"schedules.g_lr.start", "optim.d_lr"}
+
+
+def test_a_trial_run_its_actor_could_not_end_is_killed_when_the_sweep_ends(digits_shards, tmp_path):
+    """Tune kills a trial still stopping 10 s after a sweep's end; the sweep then ends that trial's MLflow run."""
+    from gan_dist.sweep.parent import ParentRun
+
+    space = _space(tmp_path, {"optim.g_lr": {"choice": [1e-4]}}, {})
+    cfg, base, plan = prepare_sweep(_job(digits_shards, tmp_path, steps=12, every=2), ["run.name=ended"], space)
+    parent = ParentRun(cfg, "ended", plan, base)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    left, done = (client.create_run(experiment, tags={"mlflow.parentRunId": parent.run_id}).info.run_id for _ in "ab")
+    client.set_terminated(done, "FINISHED")
+    parent.finish(plan, [], None, None, complete=True)
+    assert [client.get_run(r).info.status for r in (left, done, parent.run_id)] == ["KILLED", "FINISHED", "FINISHED"]
 
 
 def test_a_quality_metric_needs_evaluation_at_every_checkpoint(digits_shards, tmp_path):
@@ -240,3 +271,36 @@ def test_the_shipped_space_fits_the_mnist_job_with_the_overrides_its_header_give
     cfg, base, plan = prepare_sweep(repo / "jobs" / "mnist.yaml", overrides, space)
     assert plan.search.kind == "asha" and set(plan.params) == {"loss.r1_gamma", "optim.g_lr", "optim.d_lr"}
     assert cfg.checkpoint.every % cfg.eval.every == 0 and Path(base["eval"]["extractor_path"]).is_absolute()
+
+
+@pytest.mark.parametrize("kind", ["constant", "step", "cosine"])
+def test_a_takeover_continues_the_schedule_at_the_receivers_own_rates(kind):
+    """What a PBT takeover's ranks do with the donor's optimizers (``resume_mode: continue`` into another config):
+    keep its moments and the schedules' positions (warm-up included), take the receiving config's rates, betas and
+    eps. From then on the rate is the one a run of the receiving config has at that step."""
+    from gan_dist.config import build_config
+    from gan_dist.train.checkpoint import restore_modules, training_state
+    from gan_dist.train.loop import _use_configured_rates
+    from gan_dist.train.modules import build_modules
+
+    def modules(lr: float, beta1: float, steps: int = 0):
+        cfg = build_config({"data": {"url": "unused"}, "model": {"g_width": 8, "d_width": 8, "z_dim": 16},
+                            "train": {"steps": 40}, "optim": {"g_lr": lr, "d_lr": 2 * lr, "betas": [beta1, 0.99],
+                            "g_schedule": {"kind": kind, "warmup_steps": 5, "step_every": 7}, "d_schedule": {"kind": kind}}})  # fmt: skip
+        m = build_modules(cfg, torch.device("cpu"))
+        for _ in range(steps):
+            m.opt_g.step(), m.sched_g.step(), m.opt_d.step(), m.sched_d.step()
+        return m
+
+    donor, receiver, reference = modules(2e-4, 0.5, steps=13), modules(5e-4, 0.0), modules(5e-4, 0.0, steps=13)
+    configured = [[{k: g[k] for k in ("initial_lr", "betas", "eps")} for g in o.param_groups]
+                  for o in (receiver.opt_g, receiver.opt_d)]  # fmt: skip
+    restore_modules(receiver, training_state(donor))
+    _use_configured_rates(receiver, configured)
+    assert receiver.sched_g.last_epoch == donor.sched_g.last_epoch == 13
+    for _ in range(10):
+        for m in (receiver, reference):
+            m.opt_g.step(), m.sched_g.step(), m.opt_d.step(), m.sched_d.step()
+        for a, b in ((receiver.opt_g, reference.opt_g), (receiver.opt_d, reference.opt_d)):
+            assert a.param_groups[0]["lr"] == pytest.approx(b.param_groups[0]["lr"], rel=1e-12)
+            assert a.param_groups[0]["betas"] == b.param_groups[0]["betas"] == (0.0, 0.99)

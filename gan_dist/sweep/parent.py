@@ -81,7 +81,16 @@ class ParentRun:
                                  (metric_over_steps(metric, rows), "metric_over_steps")):  # fmt: skip
                 self.client.log_figure(self.run_id, figure, f"sweep/{name}.png")
                 plt.close(figure)
+        self._end_trial_runs_left_running()
         self.client.set_terminated(self.run_id, "FINISHED" if complete else "KILLED")
+
+    def _end_trial_runs_left_running(self) -> None:
+        """Once Tune is done no trial runs; a trial's run still RUNNING lost its actor before it could end it (Tune
+        kills a trial still stopping 10 s after the sweep's end): KILLED, as a stopped trial's run is."""
+        query = f"tags.`mlflow.parentRunId` = '{self.run_id}' and attributes.status = 'RUNNING'"
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        for run in self.client.search_runs([experiment], filter_string=query):
+            self.client.set_terminated(run.info.run_id, "KILLED")
 
 
 def metric_against_keys(space: SweepSpace, rows: list[TrialRow]) -> Any:

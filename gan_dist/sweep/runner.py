@@ -23,7 +23,7 @@ from ray import tune
 
 from gan_dist import storage
 from gan_dist.config import GanConfig, load_config, parse_override
-from gan_dist.driver import check_reachable, connect, preflight
+from gan_dist.driver import check_reachable, connect, preflight, prepare_run
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.sweep.parent import ParentRun, TrialRow, best_job
 from gan_dist.sweep.space import Metric, SweepSpace, load_space, with_values
@@ -70,6 +70,7 @@ def run_sweep(cfg: GanConfig, base: dict[str, Any], space: SweepSpace, address: 
     if "://" not in cfg.checkpoint.storage:
         os.makedirs(cfg.checkpoint.storage, exist_ok=True)
     check_reachable(cfg, address)
+    prepare_run(cfg)  # the tracking store answers (a RunError with a hint if not); a new sqlite one made quietly
     connect(address)
     name, root = cfg.run.name, storage.join(cfg.checkpoint.storage, cfg.run.name)
     parent = ParentRun(cfg, name, space, base)
@@ -152,7 +153,7 @@ def _scheduler(space: SweepSpace, cfg: GanConfig) -> Any:
             time_attr="step", perturbation_interval=search.pbt.perturbation_interval,
             hyperparam_mutations={"params": {key: domain.to_tune() for key, domain in space.params.items()}},
             quantile_fraction=search.pbt.quantile, resample_probability=search.pbt.resample_probability,
-            custom_explore_fn=functools.partial(_clip, space),
+            custom_explore_fn=functools.partial(_clip, space), synch=search.pbt.synch,
         )  # fmt: skip
     return FIFOScheduler()
 

@@ -21,10 +21,12 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from gan_dist.config import ConfigError, _format_validation_error, _set_dotted, build_config
+from gan_dist.ramps import REPLACED_KEYS
 from gan_dist.schema import Section, combination_error
 
-# Keys a sweep sets itself in each trial (where it stores, logs and what it is called).
-RESERVED = ("run.", "checkpoint.storage", "checkpoint.resume_from", "checkpoint.resume_mode", "tracking.")
+# Keys a sweep sets itself in each trial (where it stores, logs, what it is called, how it uploads).
+RESERVED = ("run.", "checkpoint.storage", "checkpoint.resume_from", "checkpoint.resume_mode", "checkpoint.async_upload",
+            "tracking.")
 
 
 class Domain(Section):
@@ -55,9 +57,13 @@ class Domain(Section):
     def bounds(self) -> tuple[float, float] | None:
         return self.uniform or self.loguniform
 
-    def extremes(self) -> list[Any]:
-        """The values that must be valid for every sample to be: each listed value, or both ends of a range."""
-        return list(getattr(self, self.kind))
+    def probes(self) -> list[Any]:
+        """Values that must be valid for every sample to be: each listed value, or both ends of a range and a
+        fraction inside it (a range samples floats: an integer key needs choice or grid)."""
+        if self.bounds is None:
+            return list(getattr(self, self.kind))
+        low, high = self.bounds
+        return [low, high, low + (high - low) / math.e]
 
     def to_tune(self) -> Any:
         from ray import tune
@@ -93,6 +99,8 @@ class PbtOptions(Section):
     perturbation_interval: int = Field(ge=1, description="Steps between exploit/explore decisions of a trial")
     quantile: float = Field(0.25, gt=0, le=0.5, description="The bottom share copies a top-share trial's state")
     resample_probability: float = Field(0.25, ge=0, le=1, description="Explore: resample instead of perturbing")
+    synch: bool = Field(False, description="Every trial waits for the others at each interval (stopped and restarted "
+                        "there): decisions on a whole population at the same step, at the price of restarts")
 
 
 class Search(Section):
@@ -117,8 +125,12 @@ class SweepSpace(Section):
                 raise combination_error(f"search.{option}", f"search.kind={option} needs its options here")
             if kind != option and getattr(self.search, option) is not None:
                 raise combination_error(f"search.{option}", f"only with search.kind={option}")
+        pbt, search = self.search.pbt, self.search
+        if pbt is not None and pbt.synch and (search.max_concurrent or 0) < search.num_samples:
+            raise combination_error("search.pbt.synch", "synchronous PBT needs every trial running at once: "
+                                    "search.max_concurrent at least search.num_samples")  # fmt: skip
         for key, domain in self.params.items():
-            if key.startswith(RESERVED) or key in RESERVED:
+            if key.startswith(RESERVED) or any(reserved.startswith(f"{key}.") for reserved in RESERVED):
                 raise combination_error(f"params.{key}", "set by the sweep itself for each trial")
             if kind == "grid" and domain.grid is None:
                 raise combination_error(f"params.{key}", "search.kind=grid needs a grid of values for every key")
@@ -129,10 +141,14 @@ class SweepSpace(Section):
     def check_against(self, base: dict[str, Any]) -> None:
         """Every key of ``params`` at the ends of its domain, and the search's step counts, valid for the job
         ``base`` (a config tree); ConfigError names the key."""
-        for key, domain in self.params.items():
-            for value in domain.extremes():
-                build_config(with_values(base, {key: value}))
         cfg = build_config(base)
+        for key, domain in self.params.items():
+            ramp = REPLACED_KEYS.get(key)
+            if ramp is not None and getattr(cfg.schedules, ramp) is not None:
+                raise ConfigError(f"params.{key}", f"the job's schedules.{ramp} sets it at every step, so "
+                                  f"trials would not differ: sweep schedules.{ramp}.start or .end instead")  # fmt: skip
+            for value in domain.probes():
+                build_config(with_values(base, {key: value}))
         steps, every = cfg.train.steps, cfg.checkpoint.every
         quality = self.metric.name.startswith("quality/")
         if quality and not cfg.eval.every:

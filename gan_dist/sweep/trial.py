@@ -5,7 +5,7 @@ The trial starts its run's progress hub (``gan_dist.train.progress``), as ``gan-
 posts its progress there instead of printing it, and Ray Train's controller posts each checkpoint's report there
 too (``TrialReports``); the trial hands Tune the step and the sweep's metric, the latest value rank 0 logged
 (``Tracker.latest``). Tune's own checkpoints exist only where a scheduler asks for one (PBT, for a trial in its top
-quantile): ``save_checkpoint`` copies the trial's Ray Train checkpoint of the result Tune holds, plus ``sweep.json``
+quantile): ``save_checkpoint`` copies the trial's newest Ray Train checkpoint, plus ``sweep.json``
 (whose it is, at what step).
 
 Where a trial starts from a Tune checkpoint (``load_checkpoint``):
@@ -24,6 +24,9 @@ Tune stops a trial (ASHA, a PBT exploit, Ctrl-C) by ending its actor: ``cleanup`
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from collections import deque
 from concurrent.futures import wait
 from pathlib import Path
@@ -36,7 +39,8 @@ from ray.train.v2.api.callback import UserCallback
 
 from gan_dist import storage
 from gan_dist.config import GanConfig, build_config
-from gan_dist.driver import _in_background, _outcome, _prepare, build_trainer, preflight
+from gan_dist.driver import build_trainer, in_background, preflight, prepare_run, training_outcome
+from gan_dist.models.io import STATE_FILE
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.sweep.space import with_values
 from gan_dist.train.progress import HUB_NAMESPACE, ProgressHub, hub_name
@@ -44,6 +48,7 @@ from gan_dist.train.progress import HUB_NAMESPACE, ProgressHub, hub_name
 SWEEP_FILE = "sweep.json"  # in a Tune checkpoint: the trial, Train run (segment) and step it was taken from
 START = "start"  # in a segment's run directory: the state it took over
 POLL_S = 0.5
+COPY_ATTEMPTS = 3  # save_checkpoint: a newer checkpoint each time the one it copied was deleted meanwhile
 REPORT = "sweep-report"  # the kind of a checkpoint's report among the hub's events
 STOP_MARGIN_S = 30.0  # beyond train.preempt_grace_s, for the stop checkpoint's upload and MLflow's last calls
 
@@ -56,8 +61,11 @@ def trial_run_name(sweep: str, trial_id: str) -> str:
 def trial_config(plan: dict[str, Any], params: dict[str, Any], trial: str, segment: str, start: str | None) -> GanConfig:
     """The job config of one trial's Train run: the sweep's base job, the trial's keys, and where it stores and
     logs (the sweep's root, the trial's own MLflow run nested under the sweep's)."""
+    # Uploads in step with training: a report reaches Tune when its checkpoint is taken, not after a backlog of
+    # uploads, and a stopped trial ends within the 10 s Tune gives the last ones at the sweep's end before it kills
+    # them (a killed trial's run would stay RUNNING in MLflow).
     values = {**params, "run.name": segment, "checkpoint.storage": plan["root"], "tracking.run_name": trial,
-              "tracking.parent_run_id": plan["parent_run_id"]}  # fmt: skip
+              "tracking.parent_run_id": plan["parent_run_id"], "checkpoint.async_upload": False}  # fmt: skip
     if start is not None:
         values.update({"checkpoint.resume_from": start, "checkpoint.resume_mode": "continue"})
     return build_config(with_values(plan["base"], values))
@@ -107,12 +115,32 @@ class GanTrial(tune.Trainable):
         pyarrow.fs.copy_files(checkpoint_dir, path, destination_filesystem=fs)
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        """The Train checkpoint of the result Tune holds, and whose it is."""
-        if self.last is not None and self.last["checkpoint"]:
-            fs, _ = pyarrow_filesystem(self.cfg.checkpoint.storage, self.cfg.storage)
-            pyarrow.fs.copy_files(self.last["checkpoint"], checkpoint_dir, source_filesystem=fs)
-            source = {"trial": self.name, "segment": self.segment, "step": self.last["step"]}
-            (Path(checkpoint_dir) / SWEEP_FILE).write_text(json.dumps(source))
+        """The Train checkpoint of the result Tune judged, and whose it is (at what step). The run trains on while
+        Tune decides, and Ray Train may delete that checkpoint meanwhile (``checkpoint.num_to_keep``): then the
+        trial's newest one short of its last step (a state with steps left to train)."""
+        if self.last is None or not self.last["checkpoint"]:  # no result yet: nothing to hand over
+            return checkpoint_dir
+        fs, _ = pyarrow_filesystem(self.cfg.checkpoint.storage, self.cfg.storage)
+        chosen, problem = self.last, ""
+        for attempt in range(COPY_ATTEMPTS):
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # nothing left of an attempt that lost the race
+            os.makedirs(checkpoint_dir)
+            try:
+                pyarrow.fs.copy_files(chosen["checkpoint"], checkpoint_dir, source_filesystem=fs)
+                if (Path(checkpoint_dir) / STATE_FILE).is_file():
+                    break
+                problem = f"no {STATE_FILE} in it"
+            except OSError as exc:  # FileNotFoundError among them: deleted under num_to_keep since it was reported
+                problem = str(exc)
+            if attempt == COPY_ATTEMPTS - 1:
+                raise RuntimeError(f"trial {self.name}: no checkpoint could be copied for PBT (the last tried: "
+                                   f"{chosen['checkpoint']}: {problem}); keep more with checkpoint.num_to_keep")  # fmt: skip
+            time.sleep(POLL_S)
+            self._take_reports()
+            later = [r for r in self.reports if r["checkpoint"] and r["step"] < self.cfg.train.steps]
+            chosen = later[-1] if later else chosen
+        source = {"trial": self.name, "segment": self.segment, "step": chosen["step"]}
+        (Path(checkpoint_dir) / SWEEP_FILE).write_text(json.dumps(source))
         return checkpoint_dir
 
     def step(self) -> dict[str, Any]:
@@ -125,7 +153,7 @@ class GanTrial(tune.Trainable):
             if report["step"] < self.cfg.train.steps:
                 return self._result(report)
             break
-        outcome = _outcome(self.cfg, self.fitting.result(), self.marker)  # raises if the run failed
+        outcome = training_outcome(self.cfg, self.fitting.result(), self.marker)  # raises if the run failed
         if self.last is None:
             raise ValueError(f"trial {self.name} never logged the sweep's metric {self.plan['metric']} "
                              f"(its run ended at step {outcome.final_step}): is it a metric gan_dist logs?")
@@ -144,23 +172,26 @@ class GanTrial(tune.Trainable):
     def _launch(self) -> None:
         self.cfg = trial_config(self.plan, self.params, self.name, self.segment, self.start)
         preflight(self.cfg)  # a conditional model takes its class count from the data here too
-        self.marker = _prepare(self.cfg)
+        self.marker = prepare_run(self.cfg)
         self.hub = ray.remote(num_cpus=0)(ProgressHub).options(
             name=hub_name(self.segment), namespace=HUB_NAMESPACE, get_if_exists=True).remote()  # fmt: skip
         trainer = build_trainer(self.cfg, "WARNING", callbacks=[TrialReports(self.hub, self.plan["metric"])])
-        self.fitting = _in_background(trainer.fit)
+        self.fitting = in_background(trainer.fit)
 
     def _next_report(self) -> dict[str, Any] | None:
         """The next checkpoint's report; None once the run has ended and every report was taken."""
         while not self.reports:
             ended = self.fitting.done()  # before the drain: every report is in the hub by the time fit() returns
-            # Rank 0's progress lines go unread: the sweep's console shows the reports.
-            self.reports.extend(e for e in ray.get(self.hub.drain.remote()) if e["kind"] == REPORT)
+            self._take_reports()
             if not self.reports:
                 if ended:
                     return None
                 wait([self.fitting], timeout=POLL_S)
         return self.reports.popleft()
+
+    def _take_reports(self) -> None:
+        """The reports the hub holds, queued (rank 0's progress lines go unread: the sweep's console shows these)."""
+        self.reports.extend(e for e in ray.get(self.hub.drain.remote()) if e["kind"] == REPORT)
 
     def _result(self, report: dict[str, Any]) -> dict[str, Any]:
         return {"step": report["step"], self.plan["metric"]: report["value"], "trial": self.name,
