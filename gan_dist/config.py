@@ -290,7 +290,8 @@ class GanConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``dotted`` "a.b", making the sections on the way."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
@@ -327,7 +328,8 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
-def _format_validation_error(exc: ValidationError) -> ConfigError:
+def format_validation_error(exc: ValidationError) -> ConfigError:
+    """pydantic's first error as one ConfigError that names its dotted key."""
     err = exc.errors()[0]
     msg = str(err["msg"])
     loc = list(err["loc"])
@@ -348,15 +350,21 @@ def _format_validation_error(exc: ValidationError) -> ConfigError:
     return ConfigError(key, msg)
 
 
+def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config tree ``tree`` with dotted ``values`` set (the caller's dict is left as it was)."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        set_dotted(tree, key, value)
+    return tree
+
+
 def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> GanConfig:
     """Validate a config tree plus overrides; relative local paths are made absolute."""
-    tree = copy.deepcopy(tree)  # overrides must not leak into the caller's dict
-    for item in overrides:
-        _set_dotted(tree, *parse_override(item))
+    tree = with_values(tree, dict(parse_override(item) for item in overrides))
     try:
         cfg = GanConfig.model_validate(tree)
     except ValidationError as exc:
-        raise _format_validation_error(exc) from None
+        raise format_validation_error(exc) from None
     if "://" not in cfg.data.url:
         cfg.data.url = _absolute_local(cfg.data.url)
     cfg.checkpoint.storage = _absolute_local(cfg.checkpoint.storage)
@@ -368,14 +376,19 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tupl
     """Load YAML (or start empty) and apply ``section.key=value`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("", f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+        loaded = read_yaml(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("", f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError("", f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
     return build_config(tree, overrides)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in ``path`` (a ``what``: named in the ConfigError if it is missing or not YAML)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None

@@ -67,6 +67,11 @@ def joint_log_probs(channel_logits: torch.Tensor) -> torch.Tensor:
     return joint
 
 
+def classifier_name(weights_path: str | Path) -> str:
+    """What identifies a classifier file (cache keys, run records): its sha256, shortened."""
+    return f"classifier/{file_sha256(Path(weights_path).expanduser())[:16]}"
+
+
 class ClassifierExtractor:
     """Features of a classifier written by :func:`train_classifier`. NOT comparable to Inception FID.
 
@@ -86,7 +91,7 @@ class ClassifierExtractor:
         self.net.load_state_dict(blob["state_dict"], strict=True)
         self.net.eval().requires_grad_(False).to(device)
         self.dim = DatasetClassifier.feature_dim * (self.channels if self.per_channel else 1)
-        self.name = f"classifier/{file_sha256(Path(weights_path).expanduser())[:16]}"
+        self.name = classifier_name(weights_path)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

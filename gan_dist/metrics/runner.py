@@ -28,8 +28,8 @@ from gan_dist.data.images import to_uint8
 from gan_dist.data.loader import to_float
 from gan_dist.data.shards import list_shards
 from gan_dist.data.subset import dataset_manifest, read_images
-from gan_dist.metrics.classifier import ClassifierExtractor
-from gan_dist.metrics.extractors import FeatureExtractor, file_sha256
+from gan_dist.metrics.classifier import ClassifierExtractor, classifier_name
+from gan_dist.metrics.extractors import FeatureExtractor
 from gan_dist.metrics.inception import InceptionExtractor, fid_extra_file, inception_name
 from gan_dist.metrics.modes import mode_metrics
 from gan_dist.metrics.stats import (
@@ -77,7 +77,7 @@ def extractor_identity(eval_cfg: EvalConfig) -> str:
         if eval_cfg.extractor_path is None:
             fid_extra_file()  # the same error as build_extractor's when the extra is missing
         return inception_name(eval_cfg.extractor_path)
-    return f"classifier/{file_sha256(Path(_classifier_file(eval_cfg)).expanduser())[:16]}"  # as ClassifierExtractor
+    return classifier_name(_classifier_file(eval_cfg))
 
 
 def build_mode_classifier(eval_cfg: EvalConfig, device: torch.device | str) -> ClassifierExtractor | None:

@@ -14,8 +14,8 @@ import mlflow
 from mlflow.entities import Param
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from gan_dist.config import GanConfig
-from gan_dist.sweep.space import SweepSpace, with_values
+from gan_dist.config import GanConfig, with_values
+from gan_dist.sweep.space import SweepSpace
 from gan_dist.tracking.info import RUN_NAME_TAG
 from gan_dist.tracking.redact import redact
 from gan_dist.tracking.experiment import experiment_id
@@ -42,7 +42,7 @@ class ParentRun:
 
     def __init__(self, cfg: GanConfig, name: str, space: SweepSpace, base: dict[str, Any]) -> None:
         self.client = mlflow.MlflowClient(cfg.tracking.uri)
-        exp = experiment_id(self.client, cfg)
+        exp = self.experiment_id = experiment_id(self.client, cfg)
         query = f"tags.`{RUN_NAME_TAG}` = '{name}' and tags.`{SWEEP_TAG}` = 'parent'"
         found = self.client.search_runs([exp], filter_string=query, max_results=1)
         if found:
@@ -88,8 +88,7 @@ class ParentRun:
         """Once Tune is done no trial runs; a trial's run still RUNNING lost its actor before it could end it (Tune
         kills a trial still stopping 10 s after the sweep's end): KILLED, as a stopped trial's run is."""
         query = f"tags.`mlflow.parentRunId` = '{self.run_id}' and attributes.status = 'RUNNING'"
-        experiment = self.client.get_run(self.run_id).info.experiment_id
-        for run in self.client.search_runs([experiment], filter_string=query):
+        for run in self.client.search_runs([self.experiment_id], filter_string=query):
             self.client.set_terminated(run.info.run_id, "KILLED")
 
 
@@ -136,6 +135,4 @@ def metric_over_steps(metric: str, rows: list[TrialRow]) -> Any:
 
 def best_job(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The best trial's job: the sweep's base job with the trial's keys, to train with ``gan-dist train``."""
-    job = with_values(base, params)
-    job.pop("run", None)  # a name of its own, chosen when it is trained
-    return job
+    return with_values(base, params)  # no run name (prepare_sweep took it out): one is chosen when it is trained

@@ -22,11 +22,11 @@ import yaml
 from ray import tune
 
 from gan_dist import storage
-from gan_dist.config import GanConfig, load_config, parse_override
+from gan_dist.config import GanConfig, load_config, parse_override, read_yaml, with_values
 from gan_dist.driver import check_reachable, connect, preflight, prepare_run
 from gan_dist.storage import pyarrow_filesystem
 from gan_dist.sweep.parent import ParentRun, TrialRow, best_job
-from gan_dist.sweep.space import Metric, SweepSpace, load_space, with_values
+from gan_dist.sweep.space import Metric, SweepSpace, load_space
 from gan_dist.sweep.trial import GanTrial, trial_run_name
 from gan_dist.tracking.redact import check_no_secrets
 
@@ -53,7 +53,7 @@ def prepare_sweep(config_path: str | Path, overrides: list[str], space_path: str
     cfg = load_config(config_path, overrides)
     space = load_space(space_path)
     check_no_secrets(cfg, Path(config_path))
-    tree = yaml.safe_load(Path(config_path).read_text()) or {}
+    tree = read_yaml(config_path, "config file") or {}
     base = with_values(tree, dict(parse_override(item) for item in overrides))
     paths = {"data.url": cfg.data.url, "checkpoint.storage": cfg.checkpoint.storage, "tracking.uri": cfg.tracking.uri}
     if cfg.eval.extractor_path and "://" not in cfg.eval.extractor_path:

@@ -12,15 +12,13 @@ key or value fails naming it, as a bad ``--set`` does.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from gan_dist.config import ConfigError, _format_validation_error, _set_dotted, build_config
+from gan_dist.config import ConfigError, build_config, format_validation_error, read_yaml, with_values
 from gan_dist.ramps import REPLACED_KEYS
 from gan_dist.schema import Section, combination_error
 
@@ -165,24 +163,10 @@ class SweepSpace(Section):
             raise ConfigError("search.asha.grace_period", f"must be below train.steps ({steps})")
 
 
-def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the config tree ``tree`` with dotted ``values`` set."""
-    tree = copy.deepcopy(tree)
-    for key, value in values.items():
-        _set_dotted(tree, key, value)
-    return tree
-
-
 def load_space(path: str | Path) -> SweepSpace:
     """Read and validate a SPACE file (ConfigError naming the key on a mistake)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("", f"sweep space file not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+    tree = read_yaml(path, "sweep space file")
     try:
         return SweepSpace.model_validate(tree)
     except ValidationError as exc:
-        raise _format_validation_error(exc) from None
+        raise format_validation_error(exc) from None

@@ -38,11 +38,10 @@ from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
 from gan_dist import storage
-from gan_dist.config import GanConfig, build_config
+from gan_dist.config import GanConfig, build_config, with_values
 from gan_dist.driver import build_trainer, in_background, preflight, prepare_run, training_outcome
 from gan_dist.models.io import STATE_FILE
 from gan_dist.storage import pyarrow_filesystem
-from gan_dist.sweep.space import with_values
 from gan_dist.train.progress import HUB_NAMESPACE, ProgressHub, hub_name
 
 SWEEP_FILE = "sweep.json"  # in a Tune checkpoint: the trial, Train run (segment) and step it was taken from

@@ -169,8 +169,9 @@ class MlflowTracker:
         if self._closed:
             return
         now = get_current_time_millis()
-        self.latest.update({key: float(value) for key, value in metrics.items()})
-        self._keep([Metric(key, float(value), now, step) for key, value in metrics.items()])
+        values = {key: float(value) for key, value in metrics.items()}
+        self.latest.update(values)
+        self._keep([Metric(key, value, now, step) for key, value in values.items()])
         self._submit(self._send_metrics)
 
     def log_image(self, image: Image.Image, key: str, step: int) -> None:
